@@ -1,0 +1,185 @@
+package ca
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"k8s.io/utils/clock"
+)
+
+// ErrNoIssuer is returned by Sign when the CA has no issuer valid now.
+var ErrNoIssuer = errors.New("ca: no valid issuing authority")
+
+// Options configure a CA. The zero value is usable.
+type Options struct {
+	// TTL decides issued lifetimes; the zero value is 1h default, 24h max.
+	TTL TTLPolicy
+
+	// Clock tells the time; nil means the real clock.
+	Clock clock.PassiveClock
+}
+
+// CA issues X509-SVIDs with its current authority set. It is safe for
+// concurrent use; the set can be swapped while it signs.
+type CA struct {
+	td    spiffeid.TrustDomain
+	ttl   TTLPolicy
+	clock clock.PassiveClock
+
+	mu      sync.RWMutex
+	current *snapshot
+	changed chan struct{} // closed and replaced when the bundle changes
+}
+
+// snapshot is an authority set with what is derived from it once.
+type snapshot struct {
+	set    *AuthoritySet
+	bundle *x509bundle.Bundle
+	chain  []*x509.Certificate // issuer first, no root
+}
+
+// Issued is a signed certificate with the chain to serve with it.
+type Issued struct {
+	// Cert is the issued certificate.
+	Cert *x509.Certificate
+
+	// Chain is Cert, then the intermediates up to (not including) a root.
+	Chain []*x509.Certificate
+
+	// BundleSequence is the sequence of the bundle that verifies Chain.
+	BundleSequence uint64
+}
+
+// New returns a CA signing with set.
+func New(set *AuthoritySet, opts Options) (*CA, error) {
+	if opts.Clock == nil {
+		opts.Clock = clock.RealClock{}
+	}
+	if opts.TTL.Default > 0 && opts.TTL.Max > 0 && opts.TTL.Default > opts.TTL.Max {
+		return nil, fmt.Errorf("ca: default TTL %s is longer than the maximum %s", opts.TTL.Default, opts.TTL.Max)
+	}
+	if err := set.Validate(opts.Clock.Now()); err != nil {
+		return nil, err
+	}
+	c := &CA{
+		td:      set.TrustDomain,
+		ttl:     opts.TTL,
+		clock:   opts.Clock,
+		changed: make(chan struct{}),
+	}
+	c.current = newSnapshot(set)
+	return c, nil
+}
+
+func newSnapshot(set *AuthoritySet) *snapshot {
+	chain := make([]*x509.Certificate, 0, 1+len(set.Chain))
+	chain = append(chain, set.Issuer.Cert)
+	chain = append(chain, set.Chain...)
+	return &snapshot{set: set, bundle: set.Bundle(), chain: chain}
+}
+
+// TrustDomain returns the trust domain the CA issues for.
+func (c *CA) TrustDomain() spiffeid.TrustDomain { return c.td }
+
+func (c *CA) snapshot() *snapshot {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.current
+}
+
+// Authorities returns the current authority set. It must not be modified.
+func (c *CA) Authorities() *AuthoritySet { return c.snapshot().set }
+
+// SetAuthorities makes set current. When its roots differ from the
+// current ones, its Sequence must be higher, and bundle watchers are told.
+func (c *CA) SetAuthorities(set *AuthoritySet) error {
+	if set.TrustDomain != c.td {
+		return fmt.Errorf("ca: authority set is for %q, the CA for %q", set.TrustDomain, c.td)
+	}
+	if err := set.Validate(c.clock.Now()); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	old := c.current.set
+	bundleChanged := !sameCerts(old.Roots, set.Roots)
+	if bundleChanged && set.Sequence <= old.Sequence {
+		return fmt.Errorf("ca: bundle changed but sequence %d is not above %d", set.Sequence, old.Sequence)
+	}
+	c.current = newSnapshot(set)
+	if bundleChanged || set.Sequence != old.Sequence {
+		close(c.changed)
+		c.changed = make(chan struct{})
+	}
+	return nil
+}
+
+// Bundle returns the current trust bundle and its sequence.
+func (c *CA) Bundle() (*x509bundle.Bundle, uint64) {
+	s := c.snapshot()
+	return s.bundle, s.set.Sequence
+}
+
+// WatchBundle returns the current bundle, its sequence, and a channel that
+// is closed when the bundle next changes.
+func (c *CA) WatchBundle() (*x509bundle.Bundle, uint64, <-chan struct{}) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.current.bundle, c.current.set.Sequence, c.changed
+}
+
+// GetX509BundleForTrustDomain implements x509bundle.Source with the CA's
+// own bundle, so that callers' SVIDs can be verified against the live
+// roots.
+func (c *CA) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
+	if td != c.td {
+		return nil, fmt.Errorf("ca: no bundle for trust domain %q", td)
+	}
+	b, _ := c.Bundle()
+	return b, nil
+}
+
+// Sign issues a certificate for req. req must already be validated and
+// authorised; a request outside the CA's trust domain is a programming
+// error and refused.
+func (c *CA) Sign(ctx context.Context, req SignRequest) (*Issued, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if req.ID.TrustDomain() != c.td {
+		return nil, fmt.Errorf("ca: cannot sign %q: not in trust domain %q", req.ID, c.td)
+	}
+	s := c.snapshot()
+	issuer := s.set.Issuer
+	now := c.clock.Now()
+	if !now.Before(issuer.Cert.NotAfter) {
+		return nil, fmt.Errorf("%w: the issuer expired at %s", ErrNoIssuer, issuer.Cert.NotAfter.UTC())
+	}
+	notAfter := now.Add(c.ttl.TTL(req.TTL))
+	if notAfter.After(issuer.Cert.NotAfter) {
+		notAfter = issuer.Cert.NotAfter
+	}
+	serial, err := newSerial()
+	if err != nil {
+		return nil, err
+	}
+	tmpl := leafTemplate(req, serial, now.Add(-Backdate), notAfter)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, issuer.Cert, req.PublicKey, issuer.Signer)
+	if err != nil {
+		return nil, fmt.Errorf("ca: signing %q: %w", req.ID, err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("ca: parsing the certificate just signed: %w", err)
+	}
+	chain := make([]*x509.Certificate, 0, 1+len(s.chain))
+	chain = append(chain, cert)
+	chain = append(chain, s.chain...)
+	return &Issued{Cert: cert, Chain: chain, BundleSequence: s.set.Sequence}, nil
+}

@@ -1,0 +1,38 @@
+package ca
+
+import "time"
+
+// The TTL policy's defaults.
+const (
+	DefaultTTL = time.Hour
+	MaxTTL     = 24 * time.Hour
+)
+
+// TTLPolicy decides the lifetime of an issued certificate. The zero value
+// is the default policy: 1h by default, 24h at most.
+type TTLPolicy struct {
+	// Default is used when a request asks for zero or a negative TTL.
+	// Zero means DefaultTTL.
+	Default time.Duration
+
+	// Max is the longest lifetime issued. A longer request is clamped to
+	// Max, not refused: a client asking too much still gets a working
+	// certificate and renews sooner. Zero means MaxTTL.
+	Max time.Duration
+}
+
+// TTL returns the lifetime to issue for a request of requested.
+func (p TTLPolicy) TTL(requested time.Duration) time.Duration {
+	def, limit := p.Default, p.Max
+	if def <= 0 {
+		def = DefaultTTL
+	}
+	if limit <= 0 {
+		limit = MaxTTL
+	}
+	ttl := requested
+	if ttl <= 0 {
+		ttl = def
+	}
+	return min(ttl, limit)
+}

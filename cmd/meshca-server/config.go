@@ -1,0 +1,230 @@
+package main
+
+import (
+	"cmp"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"sigs.k8s.io/yaml"
+
+	"github.com/meshca/meshca/ca"
+)
+
+// Config is meshca-server's configuration file (YAML). Every field is
+// optional; the zero value of each is documented and is the embedded
+// default that `make run` uses.
+type Config struct {
+	// TrustDomain issued for. Default "meshca.local".
+	TrustDomain string `json:"trustDomain"`
+
+	// ListenAddress of the gRPC API (TLS). Default "127.0.0.1:8443".
+	ListenAddress string `json:"listenAddress"`
+
+	// MetricsAddress of the Prometheus /metrics endpoint (plain HTTP).
+	// Default "127.0.0.1:9402"; "off" disables it.
+	MetricsAddress string `json:"metricsAddress"`
+
+	// DataDir holds the authority set (keys included) and bundle.pem.
+	// Default ".meshca".
+	DataDir string `json:"dataDir"`
+
+	// Authority says where the signing authorities come from.
+	Authority AuthorityConfig `json:"authority"`
+
+	// Leaf is the TTL policy of workload certificates.
+	Leaf LeafConfig `json:"leaf"`
+
+	// BootstrapTokens is a static token file (identity.TokenFile format).
+	// Default none.
+	BootstrapTokens string `json:"bootstrapTokens"`
+
+	// Server is the server's own identity.
+	Server ServerConfig `json:"server"`
+
+	// BundleRefreshHint told to bundle consumers. Default 5m.
+	BundleRefreshHint Duration `json:"bundleRefreshHint"`
+
+	// LogLevel is debug, info, warn or error. Default info.
+	LogLevel string `json:"logLevel"`
+
+	// Demo creates a demo bootstrap token in DataDir (demo-token, mode
+	// 0600) for spiffe://<td>/ns/default/sa/demo and prints a ready-to-paste
+	// meshctl command. For trying meshca out, never for production.
+	Demo bool `json:"demo"`
+}
+
+// AuthorityConfig selects and configures the signing authorities.
+type AuthorityConfig struct {
+	// Mode is "selfsigned" (default: a root and intermediate created in
+	// DataDir on first start and reused after) or "files" (an operator's
+	// CA laid out as Istio's cacerts).
+	Mode string `json:"mode"`
+
+	// RootTTL of a created root. Default 87600h (10 years).
+	RootTTL Duration `json:"rootTTL"`
+
+	// IntermediateTTL of a created intermediate. Default 8760h (1 year).
+	IntermediateTTL Duration `json:"intermediateTTL"`
+
+	// Files of mode "files".
+	Files FilesConfig `json:"files"`
+}
+
+// FilesConfig names a plugged-in CA's files.
+type FilesConfig struct {
+	RootCert  string `json:"rootCert"`
+	CACert    string `json:"caCert"`
+	CAKey     string `json:"caKey"`
+	CertChain string `json:"certChain"`
+}
+
+// LeafConfig is the TTL policy of issued certificates.
+type LeafConfig struct {
+	// DefaultTTL when a request asks for none. Default 1h.
+	DefaultTTL Duration `json:"defaultTTL"`
+
+	// MaxTTL issued; longer requests are clamped. Default 24h.
+	MaxTTL Duration `json:"maxTTL"`
+}
+
+// ServerConfig is the server's own serving certificate.
+type ServerConfig struct {
+	// ID is the server's SPIFFE ID, never issued to a workload. Default
+	// spiffe://<trustDomain>/meshca/server.
+	ID string `json:"id"`
+
+	// DNSNames and IPAddresses are added to the serving certificate for
+	// clients that check host names. Default localhost, 127.0.0.1, ::1.
+	DNSNames    []string `json:"dnsNames"`
+	IPAddresses []string `json:"ipAddresses"`
+}
+
+// Duration is a time.Duration written as a Go duration string ("90m").
+type Duration time.Duration
+
+// UnmarshalJSON reads a duration string.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("duration must be a string such as \"1h30m\"")
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("duration %q: %w", s, err)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalJSON writes a duration string.
+func (d Duration) MarshalJSON() ([]byte, error) {
+	return json.Marshal(time.Duration(d).String())
+}
+
+// loadConfig reads a YAML config file, refusing unknown fields.
+func loadConfig(path string) (Config, error) {
+	var cfg Config
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return cfg, fmt.Errorf("config: %w", err)
+	}
+	if err := yaml.UnmarshalStrict(data, &cfg); err != nil {
+		return cfg, fmt.Errorf("config: %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// completeConfig is a Config with defaults applied and values parsed,
+// validated once.
+type completeConfig struct {
+	Config
+	td       spiffeid.TrustDomain
+	serverID spiffeid.ID
+	ips      []net.IP
+	ttl      ca.TTLPolicy
+}
+
+// complete applies the defaults and checks every value.
+func (c Config) complete() (*completeConfig, error) {
+	if c.TrustDomain == "" {
+		c.TrustDomain = "meshca.local"
+	}
+	if c.ListenAddress == "" {
+		c.ListenAddress = "127.0.0.1:8443"
+	}
+	if c.MetricsAddress == "" {
+		c.MetricsAddress = "127.0.0.1:9402"
+	}
+	if c.DataDir == "" {
+		c.DataDir = ".meshca"
+	}
+	if c.Authority.Mode == "" {
+		c.Authority.Mode = "selfsigned"
+	}
+	if c.Server.DNSNames == nil {
+		c.Server.DNSNames = []string{"localhost"}
+	}
+	if c.Server.IPAddresses == nil {
+		c.Server.IPAddresses = []string{"127.0.0.1", "::1"}
+	}
+	if c.LogLevel == "" {
+		c.LogLevel = "info"
+	}
+	cc := &completeConfig{Config: c}
+	var errs []error
+	td, err := spiffeid.TrustDomainFromString(c.TrustDomain)
+	if err != nil {
+		errs = append(errs, fmt.Errorf("trustDomain: %w", err))
+	}
+	cc.td = td
+	if c.Server.ID == "" && err == nil {
+		cc.serverID = spiffeid.RequireFromPath(td, "/meshca/server")
+	} else if c.Server.ID != "" {
+		id, err := spiffeid.FromString(c.Server.ID)
+		switch {
+		case err != nil:
+			errs = append(errs, fmt.Errorf("server.id: %w", err))
+		case id.TrustDomain() != td:
+			errs = append(errs, fmt.Errorf("server.id %q is not in trust domain %q", id, td))
+		}
+		cc.serverID = id
+	}
+	for _, s := range c.Server.IPAddresses {
+		ip := net.ParseIP(s)
+		if ip == nil {
+			errs = append(errs, fmt.Errorf("server.ipAddresses: %q is not an IP address", s))
+		}
+		cc.ips = append(cc.ips, ip)
+	}
+	switch c.Authority.Mode {
+	case "selfsigned":
+	case "files":
+		f := c.Authority.Files
+		if f.RootCert == "" || f.CACert == "" || f.CAKey == "" {
+			errs = append(errs, errors.New("authority.files: rootCert, caCert and caKey are required in mode \"files\""))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("authority.mode %q: want \"selfsigned\" or \"files\"", c.Authority.Mode))
+	}
+	cc.ttl = ca.TTLPolicy{Default: time.Duration(c.Leaf.DefaultTTL), Max: time.Duration(c.Leaf.MaxTTL)}
+	if cc.ttl.Default < 0 || cc.ttl.Max < 0 {
+		errs = append(errs, errors.New("leaf: TTLs must not be negative"))
+	}
+	if maxTTL := cmp.Or(cc.ttl.Max, ca.MaxTTL); cc.ttl.Default > maxTTL {
+		errs = append(errs, fmt.Errorf("leaf.defaultTTL %s is longer than the maximum %s", cc.ttl.Default, maxTTL))
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		errs = append(errs, fmt.Errorf("logLevel %q: want debug, info, warn or error", c.LogLevel))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	return cc, nil
+}

@@ -1,0 +1,330 @@
+// Command meshca-server is meshca's certificate authority: it issues
+// SPIFFE X509-SVIDs over gRPC to callers that authenticate with a token or
+// their current certificate.
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spf13/cobra"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/ca/filestore"
+	"github.com/meshca/meshca/identity"
+	"github.com/meshca/meshca/internal/securefile"
+	"github.com/meshca/meshca/internal/server"
+)
+
+// servingCertTTL is the lifetime of the server's own certificate; it is
+// renewed at half of it.
+const servingCertTTL = 24 * time.Hour
+
+// shutdownGrace is how long in-flight requests get to finish on SIGTERM.
+const shutdownGrace = 10 * time.Second
+
+func main() {
+	if err := newCommand(os.Stdout, os.Stderr).Execute(); err != nil {
+		os.Exit(1)
+	}
+}
+
+func newCommand(stdout, stderr io.Writer) *cobra.Command {
+	var (
+		configPath string
+		flags      Config
+	)
+	cmd := &cobra.Command{
+		Use:   "meshca-server",
+		Short: "Run the meshca certificate authority",
+		Long: `meshca-server issues short-lived SPIFFE X509-SVIDs over gRPC (TLS).
+
+Callers authenticate with "authorization: Bearer <token>" metadata (a
+bootstrap token) or by presenting their current SVID to renew. With no
+flags and no config file it runs on an embedded default: trust domain
+meshca.local, data in ./.meshca, gRPC on 127.0.0.1:8443, metrics on
+127.0.0.1:9402.`,
+		Example: `  meshca-server --demo
+  meshca-server --config /etc/meshca/config.yaml`,
+		Args:          cobra.NoArgs,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg := Config{}
+			if configPath != "" {
+				var err error
+				if cfg, err = loadConfig(configPath); err != nil {
+					return err
+				}
+			}
+			override(cmd, &cfg, flags)
+			cc, err := cfg.complete()
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return run(ctx, cc, stdout, stderr)
+		},
+	}
+	cmd.SetOut(stdout)
+	cmd.SetErr(stderr)
+	f := cmd.Flags()
+	f.StringVar(&configPath, "config", "", "YAML config file; flags override its values")
+	f.StringVar(&flags.TrustDomain, "trust-domain", "", "trust domain to issue for (default meshca.local)")
+	f.StringVar(&flags.ListenAddress, "listen", "", "gRPC listen address (default 127.0.0.1:8443)")
+	f.StringVar(&flags.MetricsAddress, "metrics-listen", "", `metrics listen address, or "off" (default 127.0.0.1:9402)`)
+	f.StringVar(&flags.DataDir, "data-dir", "", "directory of the CA's state and keys (default .meshca)")
+	f.StringVar(&flags.BootstrapTokens, "bootstrap-tokens", "", "static bootstrap token file (YAML)")
+	f.StringVar(&flags.LogLevel, "log-level", "", "debug, info, warn or error (default info)")
+	f.BoolVar(&flags.Demo, "demo", false, "create a demo bootstrap token and print a meshctl command to try it")
+	return cmd
+}
+
+// override copies the flags that were set over the file's values.
+func override(cmd *cobra.Command, cfg *Config, flags Config) {
+	set := func(name string, dst *string, v string) {
+		if cmd.Flags().Changed(name) {
+			*dst = v
+		}
+	}
+	set("trust-domain", &cfg.TrustDomain, flags.TrustDomain)
+	set("listen", &cfg.ListenAddress, flags.ListenAddress)
+	set("metrics-listen", &cfg.MetricsAddress, flags.MetricsAddress)
+	set("data-dir", &cfg.DataDir, flags.DataDir)
+	set("bootstrap-tokens", &cfg.BootstrapTokens, flags.BootstrapTokens)
+	set("log-level", &cfg.LogLevel, flags.LogLevel)
+	if cmd.Flags().Changed("demo") {
+		cfg.Demo = flags.Demo
+	}
+}
+
+func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) error {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(cfg.LogLevel))
+	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
+
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("data directory: %w", err)
+	}
+	set, err := loadAuthorities(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	c, err := ca.New(set, ca.Options{TTL: cfg.ttl})
+	if err != nil {
+		return err
+	}
+	bundlePath := filepath.Join(cfg.DataDir, "bundle.pem")
+	if err := writeBundle(bundlePath, c); err != nil {
+		return err
+	}
+
+	authns := []identity.Authenticator{}
+	tokens, demoTokenPath, err := loadTokens(cfg)
+	if err != nil {
+		return err
+	}
+	if tokens != nil {
+		authns = append(authns, tokens)
+	}
+	authns = append(authns, identity.NewSVIDAuthenticator(cfg.td, c, nil))
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	srv, err := server.New(server.Options{
+		CA:            c,
+		Authenticator: identity.Chain(authns...),
+		Policy:        identity.Policy{TrustDomain: cfg.td, Reserved: []spiffeid.ID{cfg.serverID}},
+		Logger:        log,
+		Registerer:    reg,
+		RefreshHint:   time.Duration(cfg.BundleRefreshHint),
+	})
+	if err != nil {
+		return err
+	}
+	serving, err := server.NewServingCert(c, cfg.serverID, cfg.Server.DNSNames, cfg.ips, servingCertTTL, nil)
+	if err != nil {
+		return err
+	}
+	lis, err := net.Listen("tcp", cfg.ListenAddress)
+	if err != nil {
+		return fmt.Errorf("listening for gRPC: %w", err)
+	}
+	g := srv.GRPCServer(serving.TLSConfig())
+
+	var metricsLis net.Listener
+	var metricsSrv *http.Server
+	if cfg.MetricsAddress != "off" {
+		if metricsLis, err = net.Listen("tcp", cfg.MetricsAddress); err != nil {
+			lis.Close()
+			return fmt.Errorf("listening for metrics: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go func() {
+			if err := metricsSrv.Serve(metricsLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("metrics server stopped", "error", err)
+			}
+		}()
+	}
+
+	errc := make(chan error, 1)
+	go func() { errc <- g.Serve(lis) }()
+	root := set.Roots[0].Cert
+	log.Info("meshca-server ready",
+		"address", lis.Addr().String(),
+		"metrics_address", addrOf(metricsLis),
+		"trust_domain", cfg.td.Name(),
+		"server_id", cfg.serverID.String(),
+		"root_serial", root.SerialNumber.Text(16),
+		"root_not_after", root.NotAfter,
+		"bundle", bundlePath)
+	if cfg.Demo {
+		printBanner(stdout, cfg, lis.Addr().String(), bundlePath, demoTokenPath)
+	}
+
+	select {
+	case err := <-errc:
+		return fmt.Errorf("gRPC server: %w", err)
+	case <-ctx.Done():
+	}
+	log.Info("shutting down", "grace", shutdownGrace.String())
+	srv.SetServing(false)
+	stopped := make(chan struct{})
+	go func() { g.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(shutdownGrace):
+		g.Stop()
+	}
+	if metricsSrv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = metricsSrv.Shutdown(sctx)
+	}
+	log.Info("stopped")
+	return nil
+}
+
+func loadAuthorities(ctx context.Context, cfg *completeConfig) (*ca.AuthoritySet, error) {
+	if cfg.Authority.Mode == "files" {
+		f := cfg.Authority.Files
+		return ca.LoadFiles(cfg.td, ca.Files{RootCert: f.RootCert, CACert: f.CACert, CAKey: f.CAKey, CertChain: f.CertChain}, time.Now())
+	}
+	store, err := filestore.New(cfg.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	return ca.LoadOrCreate(ctx, store, ca.AuthorityOptions{
+		TrustDomain:     cfg.td,
+		RootTTL:         time.Duration(cfg.Authority.RootTTL),
+		IntermediateTTL: time.Duration(cfg.Authority.IntermediateTTL),
+	})
+}
+
+func writeBundle(path string, c *ca.CA) error {
+	bundle, _ := c.Bundle()
+	pem, err := bundle.Marshal()
+	if err != nil {
+		return fmt.Errorf("encoding bundle: %w", err)
+	}
+	return securefile.WriteFile(path, pem, 0o644)
+}
+
+// demoID is the identity of the demo token.
+func demoID(td spiffeid.TrustDomain) spiffeid.ID {
+	return spiffeid.RequireFromPath(td, "/ns/default/sa/demo")
+}
+
+// loadTokens returns the static token authenticator of the token file
+// and, in demo mode, the demo token; nil when there is neither.
+func loadTokens(cfg *completeConfig) (*identity.StaticTokens, string, error) {
+	var file identity.TokenFile
+	if cfg.BootstrapTokens != "" {
+		var err error
+		if file, err = identity.ReadTokenFile(cfg.BootstrapTokens); err != nil {
+			return nil, "", err
+		}
+	}
+	var demoPath string
+	if cfg.Demo {
+		demoPath = filepath.Join(cfg.DataDir, "demo-token")
+		token, err := demoToken(demoPath)
+		if err != nil {
+			return nil, "", err
+		}
+		file.Tokens = append(file.Tokens, identity.TokenFileEntry{ID: demoID(cfg.td).String(), Token: token})
+	}
+	if len(file.Tokens) == 0 {
+		return nil, "", nil
+	}
+	st, err := identity.NewStaticTokens(file, cfg.td)
+	if err != nil {
+		return nil, "", fmt.Errorf("bootstrap tokens: %w", err)
+	}
+	return st, demoPath, nil
+}
+
+// demoToken reads the demo token at path, creating it on first start.
+func demoToken(path string) (string, error) {
+	data, err := securefile.ReadPrivate(path)
+	if err == nil {
+		return strings.TrimSpace(string(data)), nil
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		return "", err
+	}
+	var b [24]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", err
+	}
+	token := hex.EncodeToString(b[:])
+	if err := securefile.WriteFile(path, []byte(token+"\n"), 0o600); err != nil {
+		return "", err
+	}
+	return token, nil
+}
+
+func printBanner(w io.Writer, cfg *completeConfig, addr, bundlePath, tokenPath string) {
+	fmt.Fprintf(w, `
+meshca is running.
+
+  address       %s
+  trust domain  %s
+  trust bundle  %s
+  demo identity %s (token in %s)
+
+Get a certificate:
+
+  go run ./cmd/meshctl issue --server %s --ca-bundle %s \
+    --token-file %s --spiffe-id %s --out-dir /tmp/meshca-demo
+
+`, addr, cfg.td.Name(), bundlePath, demoID(cfg.td), tokenPath, addr, bundlePath, tokenPath, demoID(cfg.td))
+}
+
+func addrOf(l net.Listener) string {
+	if l == nil {
+		return "off"
+	}
+	return l.Addr().String()
+}

@@ -1,0 +1,138 @@
+package identity
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"fmt"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"sigs.k8s.io/yaml"
+
+	"github.com/meshca/meshca/internal/securefile"
+)
+
+// MinTokenLength is the shortest static token accepted in a token file:
+// shorter ones can be guessed.
+const MinTokenLength = 16
+
+// StaticTokens authenticates bootstrap tokens from a fixed list, each
+// mapped to one SPIFFE ID. Only SHA-256 hashes of the tokens are kept, and
+// a presented token is compared with every entry in constant time.
+type StaticTokens struct {
+	entries []tokenEntry
+}
+
+type tokenEntry struct {
+	hash [sha256.Size]byte
+	id   spiffeid.ID
+}
+
+var _ Authenticator = (*StaticTokens)(nil)
+
+// TokenFile is the YAML format of a static token file:
+//
+//	tokens:
+//	- id: spiffe://example.org/ns/default/sa/demo
+//	  sha256: 2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae
+//	- id: spiffe://example.org/ns/default/sa/other
+//	  token: a-token-of-at-least-16-characters
+//
+// An entry gives the token's SHA-256 (hex), or the token itself, which is
+// hashed on load. Prefer sha256: the file then holds no secret.
+type TokenFile struct {
+	Tokens []TokenFileEntry `json:"tokens"`
+}
+
+// TokenFileEntry is one token of a TokenFile.
+type TokenFileEntry struct {
+	ID     string `json:"id"`
+	SHA256 string `json:"sha256,omitempty"`
+	Token  string `json:"token,omitempty"`
+}
+
+// LoadStaticTokens reads a token file (mode 0600 or stricter) whose IDs
+// must all be in td.
+func LoadStaticTokens(path string, td spiffeid.TrustDomain) (*StaticTokens, error) {
+	f, err := ReadTokenFile(path)
+	if err != nil {
+		return nil, err
+	}
+	st, err := NewStaticTokens(f, td)
+	if err != nil {
+		return nil, fmt.Errorf("identity: token file %s: %w", path, err)
+	}
+	return st, nil
+}
+
+// ReadTokenFile reads a token file, mode 0600 or stricter.
+func ReadTokenFile(path string) (TokenFile, error) {
+	var f TokenFile
+	data, err := securefile.ReadPrivate(path)
+	if err != nil {
+		return f, fmt.Errorf("identity: reading token file: %w", err)
+	}
+	if err := yaml.UnmarshalStrict(data, &f); err != nil {
+		// The YAML error may quote the file, and the file may hold tokens.
+		return f, fmt.Errorf("identity: token file %s is not valid YAML of the documented shape", path)
+	}
+	return f, nil
+}
+
+// NewStaticTokens returns an authenticator for the tokens of f.
+func NewStaticTokens(f TokenFile, td spiffeid.TrustDomain) (*StaticTokens, error) {
+	st := &StaticTokens{}
+	for i, e := range f.Tokens {
+		id, err := spiffeid.FromString(e.ID)
+		if err != nil {
+			return nil, fmt.Errorf("entry %d: id: %w", i, err)
+		}
+		if id.TrustDomain() != td {
+			return nil, fmt.Errorf("entry %d: id %q is not in trust domain %q", i, id, td)
+		}
+		entry := tokenEntry{id: id}
+		switch {
+		case e.SHA256 != "" && e.Token != "":
+			return nil, fmt.Errorf("entry %d: give sha256 or token, not both", i)
+		case e.SHA256 != "":
+			h, err := hex.DecodeString(e.SHA256)
+			if err != nil || len(h) != sha256.Size {
+				return nil, fmt.Errorf("entry %d: sha256 is not 64 hex digits", i)
+			}
+			copy(entry.hash[:], h)
+		case len(e.Token) >= MinTokenLength:
+			entry.hash = sha256.Sum256([]byte(e.Token))
+		case e.Token != "":
+			return nil, fmt.Errorf("entry %d: token is shorter than %d characters", i, MinTokenLength)
+		default:
+			return nil, fmt.Errorf("entry %d: has neither sha256 nor token", i)
+		}
+		st.entries = append(st.entries, entry)
+	}
+	return st, nil
+}
+
+// Authenticate accepts a token of the list.
+func (s *StaticTokens) Authenticate(_ context.Context, cred Credential) (Caller, error) {
+	if cred.Token == "" {
+		return Caller{}, ErrNotApplicable
+	}
+	h := sha256.Sum256([]byte(cred.Token))
+	match := -1
+	// Every entry is compared, so the time taken does not say which one
+	// matched, or how much of a hash did.
+	for i := range s.entries {
+		if subtle.ConstantTimeCompare(h[:], s.entries[i].hash[:]) == 1 {
+			match = i
+		}
+	}
+	if match < 0 {
+		return Caller{}, authErrorf(ReasonUnknownToken, nil, "bearer token is not known")
+	}
+	return Caller{
+		ID:      s.entries[match].id,
+		Method:  MethodBootstrapToken,
+		Subject: "token-sha256:" + hex.EncodeToString(h[:4]),
+	}, nil
+}

@@ -1,0 +1,114 @@
+package server
+
+import (
+	"context"
+	"sync"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
+)
+
+// APINative labels the native API in metrics and audit lines.
+const APINative = "native"
+
+type certificateService struct {
+	meshcav1.UnimplementedCertificateServiceServer
+	s *Server
+}
+
+func (c *certificateService) Sign(ctx context.Context, req *meshcav1.SignRequest) (*meshcav1.SignResponse, error) {
+	r := issueRequest{api: APINative, csr: req.GetCsr(), bundleSequence: req.GetBundleSequence()}
+	if ttl := req.GetTtl(); ttl != nil {
+		if err := ttl.CheckValid(); err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "ttl is not a valid duration: %v", err)
+		}
+		r.ttl = ttl.AsDuration()
+	}
+	issued, err := c.s.issue(ctx, r)
+	if err != nil {
+		return nil, err
+	}
+	chain := make([][]byte, len(issued.Chain))
+	for i, cert := range issued.Chain {
+		chain[i] = cert.Raw
+	}
+	return &meshcav1.SignResponse{
+		CertChain: chain,
+		Bundle:    c.s.bundleProto(),
+		ExpiresAt: timestamppb.New(issued.Cert.NotAfter),
+		SpiffeId:  issued.Cert.URIs[0].String(),
+	}, nil
+}
+
+type bundleService struct {
+	meshcav1.UnimplementedBundleServiceServer
+	s *Server
+}
+
+func (b *bundleService) GetBundle(context.Context, *meshcav1.GetBundleRequest) (*meshcav1.TrustBundle, error) {
+	return b.s.bundleProto(), nil
+}
+
+func (b *bundleService) WatchBundle(_ *meshcav1.WatchBundleRequest, stream meshcav1.BundleService_WatchBundleServer) error {
+	ctx := stream.Context()
+	for {
+		_, _, changed := b.s.ca.WatchBundle()
+		if err := stream.Send(b.s.bundleProto()); err != nil {
+			return err
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return status.FromContextError(ctx.Err()).Err()
+		}
+	}
+}
+
+// bundleCache holds the bundle message of the current sequence, built once
+// per bundle change rather than once per request.
+type bundleCache struct {
+	mu  sync.Mutex
+	seq uint64
+	pb  *meshcav1.TrustBundle
+}
+
+// bundleProto returns the current bundle as a message. The message is
+// shared: callers must not modify it.
+func (s *Server) bundleProto() *meshcav1.TrustBundle {
+	bundle, seq := s.ca.Bundle()
+	s.bundles.mu.Lock()
+	defer s.bundles.mu.Unlock()
+	if s.bundles.pb == nil || s.bundles.seq != seq {
+		s.bundles.pb = s.newBundleProto(bundle, seq)
+		s.bundles.seq = seq
+	}
+	return s.bundles.pb
+}
+
+func (s *Server) newBundleProto(bundle *x509bundle.Bundle, seq uint64) *meshcav1.TrustBundle {
+	roots := bundle.X509Authorities()
+	pb := &meshcav1.TrustBundle{
+		TrustDomain:     bundle.TrustDomain().Name(),
+		Sequence:        seq,
+		RefreshHint:     durationpb.New(s.hint),
+		X509Authorities: make([][]byte, len(roots)),
+	}
+	for i, r := range roots {
+		pb.X509Authorities[i] = r.Raw
+	}
+	sb := spiffebundle.FromX509Authorities(bundle.TrustDomain(), roots)
+	sb.SetSequenceNumber(seq)
+	sb.SetRefreshHint(s.hint)
+	if doc, err := sb.Marshal(); err == nil {
+		pb.SpiffeJson = doc
+	} else {
+		s.log.Error("encoding the SPIFFE bundle", "error", err)
+	}
+	return pb
+}

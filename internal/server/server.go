@@ -1,0 +1,267 @@
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/identity"
+	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
+)
+
+// MaxRequestBytes is the default largest gRPC message the server reads.
+// Larger requests are refused by the transport before they are parsed.
+const MaxRequestBytes = 64 << 10
+
+// DefaultRefreshHint is how often bundle consumers are told to check for a
+// new bundle.
+const DefaultRefreshHint = 5 * time.Minute
+
+// Options configure a Server.
+type Options struct {
+	// CA signs. Required.
+	CA *ca.CA
+
+	// Authenticator authenticates callers of every front end. Required.
+	Authenticator identity.Authenticator
+
+	// Policy authorises identities. Its TrustDomain defaults to the CA's.
+	Policy identity.Policy
+
+	// Logger receives operational logs and audit lines; nil discards them.
+	Logger *slog.Logger
+
+	// Registerer receives the server's metrics; nil registers nowhere.
+	Registerer prometheus.Registerer
+
+	// RefreshHint is the bundle refresh hint; zero means
+	// DefaultRefreshHint.
+	RefreshHint time.Duration
+
+	// MaxRequestBytes bounds a request message; zero means
+	// MaxRequestBytes.
+	MaxRequestBytes int
+}
+
+// Server holds the shared request path and the gRPC services of meshca.
+type Server struct {
+	ca       *ca.CA
+	authn    identity.Authenticator
+	policy   identity.Policy
+	log      *slog.Logger
+	audit    *slog.Logger
+	metrics  *metrics
+	hint     time.Duration
+	maxBytes int
+	bundles  bundleCache
+	health   *health.Server
+}
+
+// New returns a Server.
+func New(opts Options) (*Server, error) {
+	if opts.CA == nil || opts.Authenticator == nil {
+		return nil, errors.New("server: a CA and an Authenticator are required")
+	}
+	if opts.Policy.TrustDomain.IsZero() {
+		opts.Policy.TrustDomain = opts.CA.TrustDomain()
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if opts.Registerer == nil {
+		opts.Registerer = prometheus.NewRegistry()
+	}
+	if opts.RefreshHint <= 0 {
+		opts.RefreshHint = DefaultRefreshHint
+	}
+	if opts.MaxRequestBytes <= 0 {
+		opts.MaxRequestBytes = MaxRequestBytes
+	}
+	m, err := newMetrics(opts.Registerer, opts.CA)
+	if err != nil {
+		return nil, fmt.Errorf("server: registering metrics: %w", err)
+	}
+	return &Server{
+		ca:       opts.CA,
+		authn:    opts.Authenticator,
+		policy:   opts.Policy,
+		log:      opts.Logger,
+		audit:    opts.Logger.With(slog.Bool("audit", true)),
+		metrics:  m,
+		hint:     opts.RefreshHint,
+		maxBytes: opts.MaxRequestBytes,
+		health:   health.NewServer(),
+	}, nil
+}
+
+// GRPCServer returns a gRPC server with meshca's services and gRPC health
+// registered, serving TLS with tlsConfig. The TLS config should request,
+// not require, client certificates: callers that authenticate with a token
+// have none, and a renewing caller's certificate is verified by the
+// authenticator, which gives a clear gRPC error instead of a failed
+// handshake.
+func (s *Server) GRPCServer(tlsConfig *tls.Config, opts ...grpc.ServerOption) *grpc.Server {
+	opts = append([]grpc.ServerOption{
+		grpc.Creds(credentials.NewTLS(tlsConfig)),
+		grpc.MaxRecvMsgSize(s.maxBytes),
+	}, opts...)
+	g := grpc.NewServer(opts...)
+	meshcav1.RegisterCertificateServiceServer(g, &certificateService{s: s})
+	meshcav1.RegisterBundleServiceServer(g, &bundleService{s: s})
+	healthpb.RegisterHealthServer(g, s.health)
+	return g
+}
+
+// SetServing sets the gRPC health status of every service.
+func (s *Server) SetServing(serving bool) {
+	if serving {
+		s.health.Resume()
+	} else {
+		s.health.Shutdown()
+	}
+}
+
+// issueRequest is a front end's request translated to the shared path.
+type issueRequest struct {
+	api            string
+	csr            []byte
+	ttl            time.Duration
+	csrPolicy      ca.CSRPolicy
+	bundleSequence uint64
+}
+
+// issue authenticates the caller, validates the CSR, authorises the
+// identity and signs. Its error is a gRPC status error.
+func (s *Server) issue(ctx context.Context, r issueRequest) (*ca.Issued, error) {
+	start := time.Now()
+	caller, issued, err := s.authorizeAndSign(ctx, r)
+	peerAddr := "unknown"
+	if p, ok := peer.FromContext(ctx); ok {
+		peerAddr = p.Addr.String()
+	}
+	attrs := []slog.Attr{
+		slog.String("api", r.api),
+		slog.String("peer", peerAddr),
+		slog.String("method", string(caller.Method)),
+		slog.String("caller", caller.Subject),
+		slog.String("identity", idString(caller)),
+	}
+	if err != nil {
+		st, reason := toStatus(err)
+		s.metrics.denied.WithLabelValues(r.api, st.Code().String(), reason).Inc()
+		s.metrics.latency.WithLabelValues(r.api, "denied").Observe(time.Since(start).Seconds())
+		if st.Code() == codes.Internal {
+			s.log.LogAttrs(ctx, slog.LevelError, "signing failed", slog.Any("error", err))
+		}
+		s.audit.LogAttrs(ctx, slog.LevelInfo, "certificate request denied", append(attrs,
+			slog.String("result", "denied"),
+			slog.String("code", st.Code().String()),
+			slog.String("reason", reason),
+			slog.String("error", st.Message()))...)
+		return nil, st.Err()
+	}
+	s.metrics.issued.WithLabelValues(r.api).Inc()
+	s.metrics.latency.WithLabelValues(r.api, "issued").Observe(time.Since(start).Seconds())
+	s.audit.LogAttrs(ctx, slog.LevelInfo, "certificate issued", append(attrs,
+		slog.String("result", "issued"),
+		slog.String("serial", issued.Cert.SerialNumber.Text(16)),
+		slog.Time("not_after", issued.Cert.NotAfter))...)
+	return issued, nil
+}
+
+func (s *Server) authorizeAndSign(ctx context.Context, r issueRequest) (identity.Caller, *ca.Issued, error) {
+	cred, err := credentialFrom(ctx)
+	if err != nil {
+		return identity.Caller{}, nil, err
+	}
+	// Authenticate first: an anonymous caller costs no CSR verification.
+	caller, err := s.authn.Authenticate(ctx, cred)
+	if err != nil {
+		return identity.Caller{}, nil, err
+	}
+	csr, err := ca.ParseCSR(r.csr, s.ca.TrustDomain(), r.csrPolicy)
+	if err != nil {
+		return caller, nil, err
+	}
+	if err := s.policy.Authorize(caller, csr.ID); err != nil {
+		return caller, nil, err
+	}
+	issued, err := s.ca.Sign(ctx, ca.SignRequest{
+		PublicKey: csr.PublicKey,
+		ID:        csr.ID,
+		DNSNames:  csr.DNSNames,
+		TTL:       r.ttl,
+	})
+	return caller, issued, err
+}
+
+func idString(c identity.Caller) string {
+	if c.ID.IsZero() {
+		return ""
+	}
+	return c.ID.String()
+}
+
+// credentialFrom reads the caller's bearer token and TLS client
+// certificates from the request context.
+func credentialFrom(ctx context.Context) (identity.Credential, error) {
+	var cred identity.Credential
+	if md, ok := metadata.FromIncomingContext(ctx); ok {
+		token, err := identity.TokenFromHeaders(md.Get("authorization"))
+		if err != nil {
+			return cred, err
+		}
+		cred.Token = token
+	}
+	if p, ok := peer.FromContext(ctx); ok {
+		if info, ok := p.AuthInfo.(credentials.TLSInfo); ok {
+			cred.PeerCertificates = info.State.PeerCertificates
+		}
+	}
+	return cred, nil
+}
+
+// toStatus turns an error of the request path into the gRPC status the
+// caller sees, and the reason label of the denial metric. Caller mistakes
+// keep their message, which never holds a credential; internal faults do
+// not reach the caller.
+func toStatus(err error) (*status.Status, string) {
+	var (
+		csrErr  *ca.CSRError
+		authErr *identity.AuthError
+		permErr *identity.PermissionError
+	)
+	switch {
+	case errors.As(err, &csrErr):
+		return status.New(codes.InvalidArgument, csrErr.Error()), string(csrErr.Reason)
+	case errors.As(err, &authErr):
+		if authErr.Reason == identity.ReasonUnavailable {
+			return status.New(codes.Unavailable, authErr.Error()), string(authErr.Reason)
+		}
+		return status.New(codes.Unauthenticated, authErr.Error()), string(authErr.Reason)
+	case errors.As(err, &permErr):
+		return status.New(codes.PermissionDenied, permErr.Error()), string(permErr.Reason)
+	case errors.Is(err, context.Canceled):
+		return status.New(codes.Canceled, "request canceled"), "canceled"
+	case errors.Is(err, context.DeadlineExceeded):
+		return status.New(codes.DeadlineExceeded, "request deadline exceeded"), "deadline"
+	case errors.Is(err, ca.ErrNoIssuer):
+		return status.New(codes.Unavailable, "the CA has no valid issuing authority; try again later"), "no_issuer"
+	}
+	return status.New(codes.Internal, "internal error while signing; see the server log"), "internal"
+}
