@@ -96,8 +96,9 @@ func (c *CA) snapshot() *snapshot {
 // Authorities returns the current authority set. It must not be modified.
 func (c *CA) Authorities() *AuthoritySet { return c.snapshot().set }
 
-// SetAuthorities makes set current. When its roots differ from the
-// current ones, its Sequence must be higher, and bundle watchers are told.
+// SetAuthorities makes set current. Its Sequence never goes back, and must
+// be higher when its roots differ from the current ones; bundle watchers
+// are told of every new sequence.
 func (c *CA) SetAuthorities(set *AuthoritySet) error {
 	if set.TrustDomain != c.td {
 		return fmt.Errorf("ca: authority set is for %q, the CA for %q", set.TrustDomain, c.td)
@@ -109,7 +110,10 @@ func (c *CA) SetAuthorities(set *AuthoritySet) error {
 	defer c.mu.Unlock()
 	old := c.current.set
 	bundleChanged := !sameCerts(old.Roots, set.Roots)
-	if bundleChanged && set.Sequence <= old.Sequence {
+	switch {
+	case set.Sequence < old.Sequence:
+		return fmt.Errorf("ca: bundle sequence %d would go back from %d", set.Sequence, old.Sequence)
+	case bundleChanged && set.Sequence == old.Sequence:
 		return fmt.Errorf("ca: bundle changed but sequence %d is not above %d", set.Sequence, old.Sequence)
 	}
 	c.current = newSnapshot(set)

@@ -31,7 +31,9 @@ type Files struct {
 }
 
 // LoadFiles reads and validates a plugged-in CA. Roots are kept without
-// their keys: this process only ever signs with the intermediate.
+// their keys: this process only ever signs with the intermediate. The
+// set's Sequence is 1; a caller that reloads changed files into a running
+// CA sets a higher one.
 func LoadFiles(td spiffeid.TrustDomain, f Files, now time.Time) (*AuthoritySet, error) {
 	rootsPEM, err := os.ReadFile(f.RootCert)
 	if err != nil {

@@ -198,7 +198,8 @@ func parseKeyPEM(data []byte) (crypto.Signer, error) {
 // none, creates a self-signed one and saves it before returning. When the
 // stored issuer nears its end (less than a third of IntermediateTTL left)
 // and the root's key is held, it is replaced by a new intermediate under
-// the same root, saved first; the bundle does not change.
+// the same root, saved first; the bundle does not change. A root near its
+// own end is not renewed here: that is a root rotation.
 func LoadOrCreate(ctx context.Context, store Store, opts AuthorityOptions) (*AuthoritySet, error) {
 	opts = opts.complete()
 	set, err := store.Load(ctx)
@@ -221,7 +222,9 @@ func LoadOrCreate(ctx context.Context, store Store, opts AuthorityOptions) (*Aut
 	now := opts.Clock.Now()
 	if set.Issuer.Cert != nil && set.Issuer.Cert.NotAfter.Sub(now) < opts.IntermediateTTL/3 {
 		root, ok := set.issuerRoot()
-		if ok && root.Signer != nil && root.Cert.NotAfter.After(now) {
+		// A new intermediate ends with its root at the latest: when the
+		// root itself is ending, another one would gain nothing.
+		if ok && root.Signer != nil && root.Cert.NotAfter.After(set.Issuer.Cert.NotAfter) {
 			issuer, err := newIntermediate(opts, root)
 			if err != nil {
 				return nil, err

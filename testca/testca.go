@@ -18,6 +18,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"fmt"
 	"math/big"
 	"net/url"
 	"testing"
@@ -68,7 +69,7 @@ func WithDNSNames(names ...string) Option {
 // day unless WithLifetime says otherwise.
 func New(tb testing.TB, td spiffeid.TrustDomain, opts ...Option) *CA {
 	tb.Helper()
-	tmpl := caTemplate(td)
+	tmpl := caTemplate(td, "testca root")
 	key := apply(tb, tmpl, opts)
 	return &CA{tb: tb, td: td, Cert: create(tb, tmpl, tmpl, key.Public(), key), Key: key}
 }
@@ -76,7 +77,7 @@ func New(tb testing.TB, td spiffeid.TrustDomain, opts ...Option) *CA {
 // ChildCA returns an intermediate CA signed by c.
 func (c *CA) ChildCA(opts ...Option) *CA {
 	c.tb.Helper()
-	tmpl := caTemplate(c.td)
+	tmpl := caTemplate(c.td, fmt.Sprintf("testca intermediate %d", len(c.chain())+1))
 	key := apply(c.tb, tmpl, opts)
 	return &CA{tb: c.tb, td: c.td, parent: c, Cert: create(c.tb, tmpl, c.Cert, key.Public(), c.Key), Key: key}
 }
@@ -175,10 +176,12 @@ func SignCSR(tb testing.TB, tmpl *x509.CertificateRequest, key crypto.Signer) []
 	return der
 }
 
-func caTemplate(td spiffeid.TrustDomain) *x509.Certificate {
+// caTemplate returns a CA template; every CA gets its own subject, as
+// verifiers such as openssl tell a self-signed certificate by its subject.
+func caTemplate(td spiffeid.TrustDomain, name string) *x509.Certificate {
 	now := time.Now()
 	return &x509.Certificate{
-		Subject:               pkix.Name{Organization: []string{"testca"}},
+		Subject:               pkix.Name{Organization: []string{"testca"}, CommonName: name},
 		NotBefore:             now.Add(-time.Hour),
 		NotAfter:              now.Add(24 * time.Hour),
 		URIs:                  []*url.URL{td.ID().URL()},

@@ -43,6 +43,7 @@ const shutdownGrace = 10 * time.Second
 
 func main() {
 	if err := newCommand(os.Stdout, os.Stderr).Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "meshca-server:", err)
 		os.Exit(1)
 	}
 }
@@ -209,7 +210,7 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 	case <-ctx.Done():
 	}
 	log.Info("shutting down", "grace", shutdownGrace.String())
-	srv.SetServing(false)
+	srv.Shutdown()
 	stopped := make(chan struct{})
 	go func() { g.GracefulStop(); close(stopped) }()
 	select {

@@ -66,6 +66,8 @@ func (b *bundleService) WatchBundle(_ *meshcav1.WatchBundleRequest, stream meshc
 		case <-changed:
 		case <-ctx.Done():
 			return status.FromContextError(ctx.Err()).Err()
+		case <-b.s.stopping:
+			return status.Error(codes.Unavailable, "server shutting down; reconnect to another replica or retry")
 		}
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -70,6 +71,9 @@ type Server struct {
 	maxBytes int
 	bundles  bundleCache
 	health   *health.Server
+
+	stopOnce sync.Once
+	stopping chan struct{} // closed by Shutdown
 }
 
 // New returns a Server.
@@ -106,6 +110,7 @@ func New(opts Options) (*Server, error) {
 		hint:     opts.RefreshHint,
 		maxBytes: opts.MaxRequestBytes,
 		health:   health.NewServer(),
+		stopping: make(chan struct{}),
 	}, nil
 }
 
@@ -127,13 +132,15 @@ func (s *Server) GRPCServer(tlsConfig *tls.Config, opts ...grpc.ServerOption) *g
 	return g
 }
 
-// SetServing sets the gRPC health status of every service.
-func (s *Server) SetServing(serving bool) {
-	if serving {
-		s.health.Resume()
-	} else {
+// Shutdown readies the server to stop: health reports NOT_SERVING, so
+// balancers move callers away, and bundle watch streams end with
+// Unavailable, so that a graceful stop does not wait for callers that
+// would watch forever. Unary requests in flight are not touched.
+func (s *Server) Shutdown() {
+	s.stopOnce.Do(func() {
 		s.health.Shutdown()
-	}
+		close(s.stopping)
+	})
 }
 
 // issueRequest is a front end's request translated to the shared path.

@@ -1,0 +1,468 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+func ms(f float64) time.Duration { return time.Duration(f * float64(time.Millisecond)) }
+
+func TestPercentile(t *testing.T) {
+	hundred := make([]time.Duration, 100)
+	for i := range hundred {
+		hundred[i] = time.Duration(i+1) * time.Millisecond
+	}
+	tests := []struct {
+		name   string
+		sorted []time.Duration
+		q      float64
+		want   time.Duration
+	}{
+		{name: "empty", sorted: nil, q: 0.5, want: 0},
+		{name: "one value", sorted: []time.Duration{ms(3)}, q: 0.99, want: ms(3)},
+		{name: "p50 of 100", sorted: hundred, q: 0.50, want: ms(50)},
+		{name: "p90 of 100", sorted: hundred, q: 0.90, want: ms(90)},
+		{name: "p99 of 100", sorted: hundred, q: 0.99, want: ms(99)},
+		{name: "p100 is the max", sorted: hundred, q: 1, want: ms(100)},
+		{name: "tiny q is the min", sorted: hundred, q: 0.0001, want: ms(1)},
+		{name: "p50 of 4 is the 2nd", sorted: []time.Duration{ms(1), ms(2), ms(3), ms(4)}, q: 0.5, want: ms(2)},
+		{name: "p90 of 4 is the 4th", sorted: []time.Duration{ms(1), ms(2), ms(3), ms(4)}, q: 0.9, want: ms(4)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			require.Equal(t, tt.want, percentile(tt.sorted, tt.q))
+		})
+	}
+}
+
+func TestSummarizeLatencies(t *testing.T) {
+	require.Equal(t, latencySummary{}, summarizeLatencies(nil))
+
+	sorted := []time.Duration{ms(1), ms(1), ms(2), ms(2), ms(2), ms(3), ms(3), ms(4), ms(8), ms(14)}
+	require.Equal(t, latencySummary{
+		Count: 10,
+		P50:   ms(2),
+		P90:   ms(8),
+		P99:   ms(14),
+		Max:   ms(14),
+		Mean:  ms(4),
+	}, summarizeLatencies(sorted))
+}
+
+const testMetrics = `# HELP go_sched_gomaxprocs_threads The current runtime.GOMAXPROCS setting.
+# TYPE go_sched_gomaxprocs_threads gauge
+go_sched_gomaxprocs_threads 4
+# HELP meshca_certificates_issued_total Workload certificates issued, by API.
+# TYPE meshca_certificates_issued_total counter
+meshca_certificates_issued_total{api="istio"} 12
+meshca_certificates_issued_total{api="native"} 1000
+# HELP meshca_requests_denied_total Certificate requests refused, by API, gRPC code and reason.
+# TYPE meshca_requests_denied_total counter
+meshca_requests_denied_total{api="native",code="Unauthenticated",reason="unknown_token"} 3
+# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.
+# TYPE process_cpu_seconds_total counter
+process_cpu_seconds_total 12.5
+# HELP process_resident_memory_bytes Resident memory size in bytes.
+# TYPE process_resident_memory_bytes gauge
+process_resident_memory_bytes 4.74218496e+07
+`
+
+func TestParseMetrics(t *testing.T) {
+	tests := []struct {
+		name    string
+		text    string
+		want    metricsSample
+		wantErr string
+	}{
+		{
+			name: "all figures",
+			text: testMetrics,
+			want: metricsSample{cpuSeconds: 12.5, hasCPU: true, rssBytes: 47421849.6, hasRSS: true, issued: 1012, gomaxprocs: 4},
+		},
+		{
+			name: "nothing issued yet, no process collector",
+			text: "# TYPE meshca_bundle_sequence gauge\nmeshca_bundle_sequence 1\n",
+			want: metricsSample{},
+		},
+		{
+			name: "untyped",
+			text: "process_cpu_seconds_total 3\nmeshca_certificates_issued_total{api=\"native\"} 7\n",
+			want: metricsSample{cpuSeconds: 3, hasCPU: true, issued: 7},
+		},
+		{
+			name:    "not metrics",
+			text:    "<html>hello</html>\n",
+			wantErr: "parsing metrics: text format parsing error in line 1: invalid metric name",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseMetrics(strings.NewReader(tt.text))
+			if tt.wantErr != "" {
+				require.ErrorContains(t, err, tt.wantErr)
+				return
+			}
+			require.NoError(t, err)
+			require.InDelta(t, tt.want.rssBytes, got.rssBytes, 1)
+			got.rssBytes = tt.want.rssBytes
+			require.Equal(t, tt.want, got)
+		})
+	}
+}
+
+func TestScrapeMetrics(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/metrics" {
+			http.NotFound(w, r)
+			return
+		}
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+		_, _ = w.Write([]byte(testMetrics))
+	}))
+	defer srv.Close()
+
+	got, err := scrapeMetrics(context.Background(), srv.Client(), srv.URL+"/metrics")
+	require.NoError(t, err)
+	require.Equal(t, 1012.0, got.issued)
+	require.Equal(t, 12.5, got.cpuSeconds)
+
+	_, err = scrapeMetrics(context.Background(), srv.Client(), srv.URL+"/other")
+	require.EqualError(t, err, "GET "+srv.URL+"/other: 404 Not Found")
+}
+
+func TestServerDelta(t *testing.T) {
+	before := metricsSample{cpuSeconds: 10, hasCPU: true, rssBytes: 1 << 20, hasRSS: true, issued: 100, gomaxprocs: 2}
+	tests := []struct {
+		name        string
+		before      metricsSample
+		after       metricsSample
+		want        serverFigures
+		wantPerCert time.Duration
+		wantErr     string
+	}{
+		{
+			name:        "a run",
+			before:      before,
+			after:       metricsSample{cpuSeconds: 14, hasCPU: true, rssBytes: 3 << 20, hasRSS: true, issued: 10100, gomaxprocs: 2},
+			want:        serverFigures{cpu: 4 * time.Second, hasCPU: true, issued: 10000, rssBytes: 3 << 20, hasRSS: true, gomaxprocs: 2},
+			wantPerCert: 400 * time.Microsecond,
+		},
+		{
+			name:   "no CPU metric",
+			before: metricsSample{issued: 5},
+			after:  metricsSample{issued: 15},
+			want:   serverFigures{issued: 10},
+		},
+		{
+			name:   "nothing issued",
+			before: before,
+			after:  metricsSample{cpuSeconds: 10.5, hasCPU: true, issued: 100},
+			want:   serverFigures{cpu: 500 * time.Millisecond, hasCPU: true},
+		},
+		{
+			name:    "server restarted",
+			before:  before,
+			after:   metricsSample{cpuSeconds: 1, hasCPU: true, issued: 40},
+			wantErr: "meshca_certificates_issued_total went down from 100 to 40: did the server restart during the run?",
+		},
+		{
+			name:    "CPU went down",
+			before:  before,
+			after:   metricsSample{cpuSeconds: 1, hasCPU: true, issued: 140},
+			wantErr: "process_cpu_seconds_total went down from 10 to 1: did the server restart during the run?",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := serverDelta(tt.before, tt.after)
+			if tt.wantErr != "" {
+				require.EqualError(t, err, tt.wantErr)
+				return
+			}
+			require.NoError(t, err)
+			require.Equal(t, tt.want, got)
+			perCert, ok := got.cpuPerCert()
+			require.Equal(t, tt.wantPerCert != 0, ok)
+			require.Equal(t, tt.wantPerCert, perCert)
+		})
+	}
+}
+
+func TestEfficiency(t *testing.T) {
+	tests := []struct {
+		name           string
+		crypto, server time.Duration
+		want           float64
+		wantOK         bool
+	}{
+		{name: "a quarter", crypto: 100 * time.Microsecond, server: 400 * time.Microsecond, want: 25, wantOK: true},
+		{name: "the example", crypto: 95 * time.Microsecond, server: 412 * time.Microsecond, want: 100 * 95.0 / 412, wantOK: true},
+		{name: "all crypto", crypto: time.Millisecond, server: time.Millisecond, want: 100, wantOK: true},
+		{name: "server unknown", crypto: time.Millisecond},
+		{name: "crypto unknown", server: time.Millisecond},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, ok := efficiency(tt.crypto, tt.server)
+			require.Equal(t, tt.wantOK, ok)
+			require.InDelta(t, tt.want, got, 1e-9)
+		})
+	}
+}
+
+func TestCryptoCostLimit(t *testing.T) {
+	c := cryptoCost{perCert: 100 * time.Microsecond}
+	require.InDelta(t, 10000, c.limit(1), 1e-6)
+	require.InDelta(t, 40000, c.limit(4), 1e-6)
+	require.Zero(t, cryptoCost{}.limit(4))
+}
+
+func TestMeasureCryptoCost(t *testing.T) {
+	reqs, csr, err := makeSignRequests(2, testID)
+	require.NoError(t, err)
+	require.Len(t, reqs, 2)
+	require.Equal(t, testID.String(), csr.URIs[0].String())
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+
+	t.Run("stops at the iteration cap", func(t *testing.T) {
+		got, err := measureCryptoCost(context.Background(), csr, key, time.Minute, 20)
+		require.NoError(t, err)
+		require.Equal(t, 20, got.iterations)
+		require.Positive(t, got.perCert)
+	})
+	t.Run("bad CSR signature", func(t *testing.T) {
+		bad := *csr
+		bad.Signature = append([]byte(nil), csr.Signature...)
+		bad.Signature[len(bad.Signature)-1] ^= 0xff
+		_, err := measureCryptoCost(context.Background(), &bad, key, time.Minute, 20)
+		require.ErrorContains(t, err, "checking the CSR's signature: ")
+	})
+	t.Run("interrupted", func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		_, err := measureCryptoCost(ctx, csr, key, time.Minute, 20)
+		require.ErrorIs(t, err, context.Canceled)
+	})
+	t.Run("CSRs are distinct", func(t *testing.T) {
+		other, err := x509.ParseCertificateRequest(reqs[1].GetCsr())
+		require.NoError(t, err)
+		require.NotEqual(t, csr.RawSubjectPublicKeyInfo, other.RawSubjectPublicKeyInfo)
+	})
+}
+
+func TestRunLoad(t *testing.T) {
+	t.Run("request cap", func(t *testing.T) {
+		var calls atomic.Int64
+		res := runLoad(context.Background(), loadConfig{workers: 8, requests: 1000}, func(context.Context, int, int) error {
+			calls.Add(1)
+			return nil
+		})
+		require.Equal(t, int64(1000), calls.Load())
+		require.Equal(t, 1000, res.ok())
+		require.Zero(t, res.failed())
+		require.True(t, isSorted(res.latencies))
+	})
+	t.Run("errors by code", func(t *testing.T) {
+		var calls atomic.Int64
+		res := runLoad(context.Background(), loadConfig{workers: 4, requests: 400}, func(_ context.Context, worker, _ int) error {
+			switch k := calls.Add(1); {
+			case k%4 == 1:
+				return status.Errorf(codes.Unavailable, "worker %d is unlucky", worker)
+			case k%8 == 2:
+				return errInvalidResponse
+			}
+			return nil
+		})
+		require.Equal(t, 400, res.ok()+res.failed())
+		require.Equal(t, map[string]int{"Unavailable": 100, "invalid response": 50}, res.errors)
+		require.Equal(t, 250, res.ok())
+		require.Regexp(t, `^worker \d is unlucky$`, res.errorSamples["Unavailable"])
+		require.Equal(t, "the response holds no certificate", res.errorSamples["invalid response"])
+	})
+	t.Run("duration", func(t *testing.T) {
+		res := runLoad(context.Background(), loadConfig{workers: 2, duration: 50 * time.Millisecond}, func(context.Context, int, int) error {
+			time.Sleep(time.Millisecond)
+			return nil
+		})
+		require.Positive(t, res.ok())
+		require.GreaterOrEqual(t, res.elapsed, 50*time.Millisecond)
+	})
+	t.Run("interrupt drops the requests it cuts short", func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		var calls atomic.Int64
+		res := runLoad(ctx, loadConfig{workers: 4, duration: time.Minute}, func(ctx context.Context, _, _ int) error {
+			if calls.Add(1) == 20 {
+				cancel()
+			}
+			if ctx.Err() != nil {
+				return status.FromContextError(ctx.Err()).Err()
+			}
+			return nil
+		})
+		require.Zero(t, res.failed())
+		require.Less(t, res.ok(), int(calls.Load()))
+		require.Less(t, res.elapsed, time.Minute)
+	})
+}
+
+func isSorted(d []time.Duration) bool {
+	for i := 1; i < len(d); i++ {
+		if d[i] < d[i-1] {
+			return false
+		}
+	}
+	return true
+}
+
+func testReport() benchReport {
+	return benchReport{
+		Workers: 8, Connections: 1, CSRs: 256, Duration: 10 * time.Second,
+		MetricsURL: "http://127.0.0.1:9402/metrics",
+		Elapsed:    10 * time.Second,
+		OK:         41234,
+		Errors:     map[string]int{},
+		Latency:    latencySummary{Count: 41234, P50: ms(1.71), P90: ms(2.8), P99: ms(4.9), Max: ms(12.3), Mean: ms(1.9)},
+		Server: &serverFigures{
+			cpu: 19800 * time.Millisecond, hasCPU: true, issued: 48011,
+			rssBytes: 45.2 * (1 << 20), hasRSS: true, gomaxprocs: 2,
+		},
+		Crypto:          cryptoCost{perCert: 95 * time.Microsecond, iterations: 2000},
+		LocalGOMAXPROCS: 8,
+	}
+}
+
+func TestBenchReportText(t *testing.T) {
+	r := testReport()
+	require.Equal(t, "meshctl bench: 8 workers, 10s, 1 connection(s), 256 pre-made P-256 CSRs", r.header())
+	var out bytes.Buffer
+	r.writeText(&out)
+	require.Equal(t, `requests   41234 ok, 0 errors in 10.0s
+rate       4123.4 certs/s
+latency    p50 1.71ms  p90 2.80ms  p99 4.90ms  max 12.3ms
+server     CPU 412µs/cert (19.80s CPU for 48011 certs), RSS 45.2 MiB
+crypto     in-process P-256 CSR verify + sign: 95.0µs/cert (limit 10526 certs/s per core, 21053 certs/s on 2 cores, server GOMAXPROCS)
+efficiency 23.0% (crypto cost / server CPU per cert)
+`, out.String())
+
+	t.Run("interrupted with errors, no metrics", func(t *testing.T) {
+		r := testReport()
+		r.Interrupted = true
+		r.Elapsed = 3210 * time.Millisecond
+		r.OK = 0
+		r.Latency = latencySummary{}
+		r.Errors = map[string]int{"Unauthenticated": 12, "DeadlineExceeded": 1}
+		r.ErrorSamples = map[string]string{"Unauthenticated": "bearer token is not valid", "DeadlineExceeded": "context deadline exceeded"}
+		r.MetricsURL, r.Server = "", nil
+		r.Requests = 500
+		require.Equal(t, "meshctl bench: 8 workers, 10s or 500 requests, 1 connection(s), 256 pre-made P-256 CSRs", r.header())
+		var out bytes.Buffer
+		r.writeText(&out)
+		require.Equal(t, `interrupted after 3.21s: partial results
+requests   0 ok, 13 errors in 3.21s
+errors     DeadlineExceeded 1 (first: context deadline exceeded)
+errors     Unauthenticated 12 (first: bearer token is not valid)
+rate       0.0 certs/s
+latency    no successful request
+server     not measured (--metrics-url is empty)
+crypto     in-process P-256 CSR verify + sign: 95.0µs/cert (limit 10526 certs/s per core, 84211 certs/s on 8 cores, local GOMAXPROCS)
+efficiency unknown (needs the server's CPU per cert)
+`, out.String())
+	})
+	t.Run("scrape failed", func(t *testing.T) {
+		r := testReport()
+		r.Server, r.ServerError = nil, "connection refused"
+		var out bytes.Buffer
+		r.writeText(&out)
+		require.Contains(t, out.String(), "server     not measured: connection refused\n")
+	})
+}
+
+func TestBenchReportJSON(t *testing.T) {
+	r := testReport()
+	data, err := json.Marshal(r.json())
+	require.NoError(t, err)
+	var got map[string]any
+	require.NoError(t, json.Unmarshal(data, &got))
+	require.Equal(t, float64(41234), got["ok"])
+	require.Equal(t, map[string]any{}, got["errors"])
+	require.InDelta(t, 4123.4, got["certsPerSecond"], 1e-9)
+	require.InDelta(t, 1.71, got["latencyMs"].(map[string]any)["p50"], 1e-9)
+	server := got["server"].(map[string]any)
+	require.InDelta(t, 412.4, server["cpuPerCertMicros"], 0.1)
+	require.Equal(t, float64(48011), server["issued"])
+	crypto := got["crypto"].(map[string]any)
+	require.InDelta(t, 95, crypto["perCertMicros"], 1e-9)
+	require.Equal(t, float64(2), crypto["cores"])
+	require.Equal(t, "server", crypto["coresFrom"])
+	require.InDelta(t, 23.03, got["efficiencyPercent"], 0.01)
+	require.Equal(t, false, got["interrupted"])
+}
+
+func TestFormatDuration(t *testing.T) {
+	tests := []struct {
+		d    time.Duration
+		want string
+	}{
+		{d: 500 * time.Nanosecond, want: "500ns"},
+		{d: 95200 * time.Nanosecond, want: "95.2µs"},
+		{d: 412 * time.Microsecond, want: "412µs"},
+		{d: 1710 * time.Microsecond, want: "1.71ms"},
+		{d: 12300 * time.Microsecond, want: "12.3ms"},
+		{d: 10 * time.Second, want: "10.0s"},
+		{d: 150 * time.Second, want: "150s"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.want, func(t *testing.T) {
+			require.Equal(t, tt.want, formatDuration(tt.d))
+		})
+	}
+}
+
+func TestBenchFlags(t *testing.T) {
+	id := "--spiffe-id=" + testID.String()
+	tests := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{name: "output", args: []string{"-o", "yaml", id}, want: `--output "yaml": want text or json`},
+		{name: "concurrency", args: []string{"-c", "0", id}, want: "--concurrency 0: want at least 1"},
+		{name: "connections", args: []string{"--connections", "0", id}, want: "--connections 0: want at least 1"},
+		{name: "more connections than workers", args: []string{"-c", "2", "--connections", "3", id}, want: "--connections 3 is more than --concurrency 2: some connections would carry no requests"},
+		{name: "csrs", args: []string{"--csrs", "0", id}, want: "--csrs 0: want at least 1"},
+		{name: "endless", args: []string{"-d", "0", id}, want: "--duration 0 needs --requests: the run would never end"},
+		{name: "no id", args: []string{"--token", "x"}, want: "--spiffe-id is required: every CSR asks for the token's identity"},
+		{name: "bad id", args: []string{"--spiffe-id", "http://x/y"}, want: "--spiffe-id: scheme is missing or invalid"},
+		{name: "no token", args: []string{id}, want: "no credential: give --token-file (or --token)"},
+		{name: "two tokens", args: []string{id, "--token", "x", "--token-file", "y"}, want: "give --token or --token-file, not both"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := runMeshctl(t, append([]string{"bench"}, tt.args...)...)
+			require.EqualError(t, err, tt.want)
+		})
+	}
+}
+
+func TestErrorKey(t *testing.T) {
+	require.Equal(t, "PermissionDenied", errorKey(status.Error(codes.PermissionDenied, "no")))
+	require.Equal(t, "invalid response", errorKey(errInvalidResponse))
+	require.Equal(t, "invalid response", errorKey(errors.New("other")))
+}
