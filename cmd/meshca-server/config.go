@@ -52,6 +52,10 @@ type Config struct {
 	// LogLevel is debug, info, warn or error. Default info.
 	LogLevel string `json:"logLevel"`
 
+	// Profiling serves Go's /debug/pprof on the metrics address, for
+	// finding where CPU time goes under load. Default off.
+	Profiling bool `json:"profiling"`
+
 	// Demo creates a demo bootstrap token in DataDir (demo-token, mode
 	// 0600) for spiffe://<td>/ns/default/sa/demo and prints a ready-to-paste
 	// meshctl command. For trying meshca out, never for production.
@@ -217,6 +221,9 @@ func (c Config) complete() (*completeConfig, error) {
 	}
 	if maxTTL := cmp.Or(cc.ttl.Max, ca.MaxTTL); cc.ttl.Default > maxTTL {
 		errs = append(errs, fmt.Errorf("leaf.defaultTTL %s is longer than the maximum %s", cc.ttl.Default, maxTTL))
+	}
+	if c.Profiling && c.MetricsAddress == "off" {
+		errs = append(errs, errors.New("profiling is served on the metrics address, which is off"))
 	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":

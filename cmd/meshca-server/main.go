@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -97,6 +98,7 @@ meshca.local, data in ./.meshca, gRPC on 127.0.0.1:8443, metrics on
 	f.StringVar(&flags.BootstrapTokens, "bootstrap-tokens", "", "static bootstrap token file (YAML)")
 	f.StringVar(&flags.LogLevel, "log-level", "", "debug, info, warn or error (default info)")
 	f.BoolVar(&flags.Demo, "demo", false, "create a demo bootstrap token and print a meshctl command to try it")
+	f.BoolVar(&flags.Profiling, "profiling", false, "serve /debug/pprof on the metrics address")
 	return cmd
 }
 
@@ -115,6 +117,9 @@ func override(cmd *cobra.Command, cfg *Config, flags Config) {
 	set("log-level", &cfg.LogLevel, flags.LogLevel)
 	if cmd.Flags().Changed("demo") {
 		cfg.Demo = flags.Demo
+	}
+	if cmd.Flags().Changed("profiling") {
+		cfg.Profiling = flags.Profiling
 	}
 }
 
@@ -181,6 +186,12 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 		}
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+		if cfg.Profiling {
+			mux.HandleFunc("/debug/pprof/", pprof.Index)
+			mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+			mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+			mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		}
 		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 		go func() {
 			if err := metricsSrv.Serve(metricsLis); err != nil && !errors.Is(err, http.ErrServerClosed) {

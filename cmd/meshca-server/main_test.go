@@ -1,0 +1,280 @@
+package main_test
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"github.com/stretchr/testify/require"
+)
+
+// binDir holds meshca-server and meshctl, built once for the package.
+var binDir string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "meshca-e2e-bin-")
+	if err != nil {
+		panic(err)
+	}
+	build := exec.Command("go", "build", "-o", dir+string(os.PathSeparator), "github.com/meshca/meshca/cmd/meshca-server", "github.com/meshca/meshca/cmd/meshctl")
+	build.Stdout, build.Stderr = os.Stdout, os.Stderr
+	if err := build.Run(); err != nil {
+		panic("building the binaries: " + err.Error())
+	}
+	binDir = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// serverProc is a meshca-server process.
+type serverProc struct {
+	t       *testing.T
+	cmd     *exec.Cmd
+	addr    string
+	metrics string
+	stdout  *lockedBuffer
+	logs    *lockedBuffer
+	exited  chan error
+}
+
+type readyLine struct {
+	Msg            string `json:"msg"`
+	Address        string `json:"address"`
+	MetricsAddress string `json:"metrics_address"`
+	RootSerial     string `json:"root_serial"`
+}
+
+// startServer runs meshca-server with args on free loopback ports and
+// waits until it says it is ready.
+func startServer(t *testing.T, args ...string) (*serverProc, readyLine) {
+	t.Helper()
+	args = append([]string{"--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"}, args...)
+	cmd := exec.Command(filepath.Join(binDir, "meshca-server"), args...)
+	stdout := &lockedBuffer{}
+	cmd.Stdout = stdout
+	stderr, err := cmd.StderrPipe()
+	require.NoError(t, err)
+	require.NoError(t, cmd.Start())
+	p := &serverProc{t: t, cmd: cmd, stdout: stdout, logs: &lockedBuffer{}, exited: make(chan error, 1)}
+	ready := make(chan readyLine, 1)
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			line := sc.Text()
+			_, _ = p.logs.Write([]byte(line + "\n"))
+			var r readyLine
+			if json.Unmarshal([]byte(line), &r) == nil && r.Msg == "meshca-server ready" {
+				ready <- r
+			}
+		}
+		p.exited <- cmd.Wait()
+	}()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+	})
+	select {
+	case r := <-ready:
+		p.addr, p.metrics = r.Address, r.MetricsAddress
+		return p, r
+	case err := <-p.exited:
+		t.Fatalf("meshca-server exited before ready: %v\n%s", err, p.logs.String())
+	case <-time.After(30 * time.Second):
+		t.Fatalf("meshca-server not ready after 30s:\n%s", p.logs.String())
+	}
+	panic("unreachable")
+}
+
+// stop sends SIGTERM and requires a clean exit.
+func (p *serverProc) stop() {
+	p.t.Helper()
+	require.NoError(p.t, p.cmd.Process.Signal(syscall.SIGTERM))
+	select {
+	case err := <-p.exited:
+		require.NoError(p.t, err, p.logs.String())
+	case <-time.After(20 * time.Second):
+		p.t.Fatalf("meshca-server did not stop within 20s of SIGTERM")
+	}
+	require.Contains(p.t, p.logs.String(), `"msg":"stopped"`)
+}
+
+// meshctl runs meshctl and returns its stdout, stderr and error.
+func meshctl(t *testing.T, args ...string) (string, string, error) {
+	t.Helper()
+	cmd := exec.Command(filepath.Join(binDir, "meshctl"), args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	return stdout.String(), stderr.String(), err
+}
+
+func TestEndToEnd(t *testing.T) {
+	dataDir := filepath.Join(t.TempDir(), "data")
+	out := t.TempDir()
+	srv, ready := startServer(t, "--data-dir", dataDir, "--demo")
+	bundle := filepath.Join(dataDir, "bundle.pem")
+	token := filepath.Join(dataDir, "demo-token")
+	demo := "spiffe://meshca.local/ns/default/sa/demo"
+
+	// The banner tells a newcomer what to paste.
+	require.Eventually(t, func() bool { return strings.Contains(srv.stdout.String(), "meshctl issue") }, 5*time.Second, 10*time.Millisecond)
+	require.Contains(t, srv.stdout.String(), "--token-file "+token)
+	require.Contains(t, srv.stdout.String(), "trust domain  meshca.local")
+
+	// Issue with the demo token, then renew with the issued certificate.
+	stdout, stderr, err := meshctl(t, "issue", "--server", srv.addr, "--ca-bundle", bundle,
+		"--token-file", token, "--spiffe-id", demo, "--out-dir", out)
+	require.NoError(t, err, stderr)
+	require.Contains(t, stdout, "issued "+demo)
+	info, err := os.Stat(filepath.Join(out, "svid-key.pem"))
+	require.NoError(t, err)
+	require.Equal(t, os.FileMode(0o600), info.Mode().Perm())
+	first, err := x509svid.Load(filepath.Join(out, "svid.pem"), filepath.Join(out, "svid-key.pem"))
+	require.NoError(t, err)
+
+	stdout, stderr, err = meshctl(t, "issue", "--server", srv.addr, "--ca-bundle", bundle,
+		"--cert", filepath.Join(out, "svid.pem"), "--key", filepath.Join(out, "svid-key.pem"), "--out-dir", out, "-o", "json")
+	require.NoError(t, err, stderr)
+	var renewed struct {
+		SpiffeID string `json:"spiffeID"`
+		Serial   string `json:"serial"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(stdout), &renewed))
+	require.Equal(t, demo, renewed.SpiffeID)
+	require.NotEqual(t, first.Certificates[0].SerialNumber.Text(16), renewed.Serial)
+
+	// openssl verifies the renewed chain with the bundle meshctl wrote.
+	chain, err := os.ReadFile(filepath.Join(out, "svid.pem"))
+	require.NoError(t, err)
+	inter := filepath.Join(out, "inter.pem")
+	require.NoError(t, os.WriteFile(inter, chain[bytes.Index(chain, []byte("-----END CERTIFICATE-----"))+26:], 0o600))
+	osslOut, err := exec.Command("openssl", "verify", "-CAfile", filepath.Join(out, "bundle.pem"), "-untrusted", inter, filepath.Join(out, "svid.pem")).CombinedOutput()
+	require.NoError(t, err, string(osslOut))
+
+	// inspect reads it back for a person, and as data.
+	stdout, stderr, err = meshctl(t, "inspect", filepath.Join(out, "svid.pem"), "-o", "json")
+	require.NoError(t, err, stderr)
+	require.Contains(t, stdout, demo)
+	require.Contains(t, stdout, renewed.Serial)
+
+	// bundle serves the SPIFFE JSON form of the same roots.
+	stdout, stderr, err = meshctl(t, "bundle", "--server", srv.addr, "--ca-bundle", bundle, "--format", "spiffe")
+	require.NoError(t, err, stderr)
+	sb, err := spiffebundle.Parse(spiffeid.RequireTrustDomainFromString("meshca.local"), []byte(stdout))
+	require.NoError(t, err)
+	require.Len(t, sb.X509Authorities(), 1)
+	require.Equal(t, ready.RootSerial, sb.X509Authorities()[0].SerialNumber.Text(16))
+
+	// A token asking for another identity is refused, and says why.
+	_, stderr, err = meshctl(t, "issue", "--server", srv.addr, "--ca-bundle", bundle,
+		"--token-file", token, "--spiffe-id", "spiffe://meshca.local/ns/kube-system/sa/admin", "--out-dir", t.TempDir())
+	require.Error(t, err)
+	require.Contains(t, stderr, "code = PermissionDenied")
+	require.Contains(t, stderr, `but the credential is for "spiffe://meshca.local/ns/default/sa/demo"`)
+
+	// bench runs against it and reports server figures.
+	stdout, stderr, err = meshctl(t, "bench", "--server", srv.addr, "--ca-bundle", bundle, "--token-file", token,
+		"--spiffe-id", demo, "-c", "2", "-d", "1s", "--csrs", "8", "--metrics-url", "http://"+srv.metrics+"/metrics")
+	require.NoError(t, err, stderr)
+	require.Contains(t, stdout, " 0 errors")
+	require.Contains(t, stdout, "efficiency")
+
+	// Nothing secret reached the log.
+	tokenBytes, err := os.ReadFile(token)
+	require.NoError(t, err)
+	require.NotContains(t, srv.logs.String(), strings.TrimSpace(string(tokenBytes)))
+	require.NotContains(t, srv.logs.String(), "PRIVATE KEY")
+
+	srv.stop()
+
+	// A restart keeps the same root and trust bundle; nothing needs
+	// deleting, and the state file is private.
+	bundleBefore, err := os.ReadFile(bundle)
+	require.NoError(t, err)
+	srv2, ready2 := startServer(t, "--data-dir", dataDir, "--demo")
+	require.Equal(t, ready.RootSerial, ready2.RootSerial)
+	bundleAfter, err := os.ReadFile(bundle)
+	require.NoError(t, err)
+	require.Equal(t, bundleBefore, bundleAfter)
+	info, err = os.Stat(filepath.Join(dataDir, "authorities.json"))
+	require.NoError(t, err)
+	require.Equal(t, os.FileMode(0o600), info.Mode().Perm())
+	// The certificate issued before the restart still renews.
+	_, stderr, err = meshctl(t, "issue", "--server", srv2.addr, "--ca-bundle", bundle,
+		"--cert", filepath.Join(out, "svid.pem"), "--key", filepath.Join(out, "svid-key.pem"), "--out-dir", out)
+	require.NoError(t, err, stderr)
+	srv2.stop()
+}
+
+func TestServerRefusesBadSetup(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string, mode os.FileMode) string {
+		path := filepath.Join(dir, name)
+		require.NoError(t, os.WriteFile(path, []byte(content), mode))
+		require.NoError(t, os.Chmod(path, mode))
+		return path
+	}
+	openDataDir := filepath.Join(dir, "open")
+	require.NoError(t, os.Mkdir(openDataDir, 0o755))
+	leakyDataDir := filepath.Join(dir, "leaky")
+	require.NoError(t, os.Mkdir(leakyDataDir, 0o700))
+	write("leaky/authorities.json", "{}", 0o644)
+
+	for _, tt := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"unknown config field", []string{"--config", write("unknown.yaml", "trustDomain: a.example\nlisten: x\n", 0o600)}, `unknown field "listen"`},
+		{"config not YAML", []string{"--config", write("broken.yaml", "trustDomain: [\n", 0o600)}, "config: " + filepath.Join(dir, "broken.yaml")},
+		{"bad trust domain", []string{"--trust-domain", "Not A Domain"}, "config: trustDomain: trust domain characters are limited"},
+		{"bad duration", []string{"--config", write("dur.yaml", "leaf:\n  maxTTL: forever\n", 0o600)}, `duration "forever"`},
+		{"default over max", []string{"--config", write("ttl.yaml", "leaf:\n  defaultTTL: 48h\n", 0o600)}, "leaf.defaultTTL 48h0m0s is longer than the maximum 24h0m0s"},
+		{"bad mode", []string{"--config", write("mode.yaml", "authority:\n  mode: vault\n", 0o600)}, `authority.mode "vault": want "selfsigned" or "files"`},
+		{"files mode without files", []string{"--config", write("files.yaml", "authority:\n  mode: files\n", 0o600)}, "rootCert, caCert and caKey are required"},
+		{"data dir open to others", []string{"--data-dir", openDataDir}, "has mode 0755; it holds CA keys, chmod 700 it"},
+		{"state file readable by others", []string{"--data-dir", leakyDataDir}, "is accessible by group or others; chmod 600 it"},
+		{"token file readable by others", []string{"--data-dir", filepath.Join(dir, "d1"), "--bootstrap-tokens", write("tokens.yaml", "tokens: []\n", 0o644)}, "chmod 600 it"},
+		{"argument", []string{"extra"}, `unknown command "extra"`},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			args := append([]string{"--listen", "127.0.0.1:0", "--metrics-listen", "off"}, tt.args...)
+			cmd := exec.Command(filepath.Join(binDir, "meshca-server"), args...)
+			cmd.Dir = dir
+			out, err := cmd.CombinedOutput()
+			var exit *exec.ExitError
+			require.ErrorAs(t, err, &exit, string(out))
+			require.Equal(t, 1, exit.ExitCode())
+			require.Contains(t, string(out), tt.want)
+		})
+	}
+}
+
+// lockedBuffer is a buffer written by a process while the test reads it.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
