@@ -13,7 +13,7 @@ all: lint test
 
 .PHONY: tools
 tools:
-	@bash scripts/tools.sh
+	@MESHCA_TOOLS=$(TOOLS) bash scripts/tools.sh
 
 ## run: start meshca-server on the embedded default (data in ./$(DATA_DIR)).
 .PHONY: run

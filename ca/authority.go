@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -31,23 +32,92 @@ type Authority struct {
 	Signer crypto.Signer
 }
 
-// AuthoritySet is the CA's authorities: the roots of the trust bundle and
-// the intermediate that signs workload certificates.
+// RootState is where a root is in its rotation.
+type RootState string
+
+// The states of a root. A root is prepared (in the bundle, not signing),
+// active (the issuer chains to it), retiring (in the bundle, no longer
+// signing, leaves under it not yet expired), and then gone from the set.
+const (
+	RootPrepared RootState = "prepared"
+	RootActive   RootState = "active"
+	RootRetiring RootState = "retiring"
+)
+
+// Root is a root of the trust bundle with its rotation state.
+type Root struct {
+	Authority
+
+	// State is the root's rotation state.
+	State RootState
+
+	// Since is when the root entered State.
+	Since time.Time
+
+	// BundleSequence is the first bundle sequence that held the root: a
+	// workload reporting this sequence or a later one trusts it.
+	BundleSequence uint64
+}
+
+// RetiringIssuer is an intermediate that no longer signs but under which
+// leaves may still be valid.
+type RetiringIssuer struct {
+	Cert *x509.Certificate
+
+	// LeavesUntil is when the last leaf it signed expires.
+	LeavesUntil time.Time
+}
+
+// AuthoritySet is the CA's authorities: the roots of the trust bundle, the
+// intermediate that signs workload certificates, and the intermediates on
+// their way in and out.
 type AuthoritySet struct {
 	TrustDomain spiffeid.TrustDomain
 
 	// Sequence increases with every change of the trust bundle (Roots).
 	Sequence uint64
 
-	// Roots are the X.509 authorities of the trust bundle.
-	Roots []Authority
+	// Roots are the X.509 authorities of the trust bundle, in every state.
+	Roots []Root
 
 	// Issuer signs workload certificates. Its key is always held.
 	Issuer Authority
 
-	// Chain holds the certificates between Issuer and a root, Issuer's
-	// parent first; empty when a root signed Issuer.
+	// IssuerSince is when Issuer started signing.
+	IssuerSince time.Time
+
+	// Chain is served after Issuer in every chain: the intermediates between
+	// Issuer and a root, and copies of Issuer cross-signed by other roots
+	// of the bundle (so that a peer trusting only an older root verifies
+	// new leaves).
 	Chain []*x509.Certificate
+
+	// NextIssuer is an intermediate prepared to take over from Issuer,
+	// signed by the active root; nil when none is prepared.
+	NextIssuer *Authority
+
+	// RetiringIssuers are former issuers whose leaves may still be valid.
+	RetiringIssuers []RetiringIssuer
+}
+
+// ActiveRoot returns the root in state active.
+func (s *AuthoritySet) ActiveRoot() (Root, bool) {
+	for _, r := range s.Roots {
+		if r.State == RootActive {
+			return r, true
+		}
+	}
+	return Root{}, false
+}
+
+// Clone returns a copy of s whose slices can be changed without changing
+// s. Certificates and keys are shared: they are never modified.
+func (s *AuthoritySet) Clone() *AuthoritySet {
+	c := *s
+	c.Roots = slices.Clone(s.Roots)
+	c.Chain = slices.Clone(s.Chain)
+	c.RetiringIssuers = slices.Clone(s.RetiringIssuers)
+	return &c
 }
 
 // Bundle returns the set's trust bundle.
@@ -82,9 +152,17 @@ func (s *AuthoritySet) Validate(now time.Time) error {
 		return fmt.Errorf("ca: issuer certificate is not valid now (valid %s to %s)", iss.NotBefore.UTC().Format(time.RFC3339), iss.NotAfter.UTC().Format(time.RFC3339))
 	}
 	roots := x509.NewCertPool()
+	active := 0
 	for _, r := range s.Roots {
 		if !r.Cert.IsCA {
 			return fmt.Errorf("ca: root %q is not a CA certificate", r.Cert.Subject)
+		}
+		switch r.State {
+		case RootActive:
+			active++
+		case RootPrepared, RootRetiring:
+		default:
+			return fmt.Errorf("ca: root %q has unknown state %q", r.Cert.Subject, r.State)
 		}
 		roots.AddCert(r.Cert)
 	}
@@ -99,6 +177,9 @@ func (s *AuthoritySet) Validate(now time.Time) error {
 		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageAny},
 	}); err != nil {
 		return fmt.Errorf("ca: issuer does not chain to a root of the bundle: %w", err)
+	}
+	if active != 1 {
+		return fmt.Errorf("ca: authority set has %d active roots; want exactly one", active)
 	}
 	return nil
 }
@@ -139,36 +220,58 @@ func NewSelfSigned(opts AuthorityOptions) (*AuthoritySet, error) {
 	if opts.TrustDomain.IsZero() {
 		return nil, errors.New("ca: a trust domain is required")
 	}
+	root, err := NewRoot(opts)
+	if err != nil {
+		return nil, err
+	}
+	issuer, err := NewIntermediate(opts, root)
+	if err != nil {
+		return nil, err
+	}
 	now := opts.Clock.Now()
-	rootKey, err := newCAKey()
-	if err != nil {
-		return nil, err
-	}
-	serial, err := newSerial()
-	if err != nil {
-		return nil, err
-	}
-	tmpl := caTemplate(opts.TrustDomain, "meshca root "+opts.TrustDomain.Name(), serial, now.Add(-Backdate), now.Add(opts.RootTTL), false)
-	rootCert, err := createCertificate(tmpl, tmpl, rootKey.Public(), rootKey)
-	if err != nil {
-		return nil, err
-	}
-	root := Authority{Cert: rootCert, Signer: rootKey}
-	issuer, err := newIntermediate(opts, root)
-	if err != nil {
-		return nil, err
-	}
 	return &AuthoritySet{
 		TrustDomain: opts.TrustDomain,
 		Sequence:    1,
-		Roots:       []Authority{root},
+		Roots:       []Root{{Authority: root, State: RootActive, Since: now, BundleSequence: 1}},
 		Issuer:      issuer,
+		IssuerSince: now,
 	}, nil
 }
 
-// newIntermediate creates an intermediate signed by parent, valid for
-// IntermediateTTL or until parent expires, whichever is sooner.
-func newIntermediate(opts AuthorityOptions, parent Authority) (Authority, error) {
+// NewRoot creates a self-signed root with a new P-256 key, valid for
+// RootTTL. Its subject names its serial, so that two roots of one trust
+// domain are told apart by every verifier.
+func NewRoot(opts AuthorityOptions) (Authority, error) {
+	opts = opts.complete()
+	if opts.TrustDomain.IsZero() {
+		return Authority{}, errors.New("ca: a trust domain is required")
+	}
+	now := opts.Clock.Now()
+	key, err := newCAKey()
+	if err != nil {
+		return Authority{}, err
+	}
+	serial, err := newSerial()
+	if err != nil {
+		return Authority{}, err
+	}
+	name := fmt.Sprintf("meshca root %s %x", opts.TrustDomain.Name(), serial.Bytes()[:4])
+	tmpl := caTemplate(opts.TrustDomain, name, serial, now.Add(-backdate(opts.RootTTL)), now.Add(opts.RootTTL), false)
+	cert, err := createCertificate(tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		return Authority{}, err
+	}
+	return Authority{Cert: cert, Signer: key}, nil
+}
+
+// NewIntermediate creates an intermediate with a new P-256 key signed by
+// parent, valid for IntermediateTTL or until parent expires, whichever is
+// sooner.
+func NewIntermediate(opts AuthorityOptions, parent Authority) (Authority, error) {
+	opts = opts.complete()
+	if parent.Signer == nil {
+		return Authority{}, fmt.Errorf("ca: the key of %q is not held here; it cannot sign an intermediate", parent.Cert.Subject)
+	}
 	now := opts.Clock.Now()
 	key, err := newCAKey()
 	if err != nil {
@@ -182,12 +285,43 @@ func newIntermediate(opts AuthorityOptions, parent Authority) (Authority, error)
 	if parent.Cert.NotAfter.Before(notAfter) {
 		notAfter = parent.Cert.NotAfter
 	}
-	tmpl := caTemplate(opts.TrustDomain, "meshca intermediate "+opts.TrustDomain.Name(), serial, now.Add(-Backdate), notAfter, true)
+	name := fmt.Sprintf("meshca intermediate %s %x", opts.TrustDomain.Name(), serial.Bytes()[:4])
+	tmpl := caTemplate(opts.TrustDomain, name, serial, now.Add(-backdate(notAfter.Sub(now))), notAfter, true)
 	cert, err := createCertificate(tmpl, parent.Cert, key.Public(), parent.Signer)
 	if err != nil {
 		return Authority{}, err
 	}
 	return Authority{Cert: cert, Signer: key}, nil
+}
+
+// CrossSign returns a copy of the CA certificate cert (same subject, key
+// and key ID) signed by parent instead, valid no longer than parent. A
+// leaf under cert then verifies under either parent's root.
+func CrossSign(cert *x509.Certificate, parent Authority) (*x509.Certificate, error) {
+	if parent.Signer == nil {
+		return nil, fmt.Errorf("ca: the key of %q is not held here; it cannot cross-sign", parent.Cert.Subject)
+	}
+	serial, err := newSerial()
+	if err != nil {
+		return nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               cert.Subject,
+		NotBefore:             cert.NotBefore,
+		NotAfter:              cert.NotAfter,
+		URIs:                  cert.URIs,
+		KeyUsage:              cert.KeyUsage,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		MaxPathLen:            cert.MaxPathLen,
+		MaxPathLenZero:        cert.MaxPathLenZero,
+		SubjectKeyId:          cert.SubjectKeyId,
+	}
+	if parent.Cert.NotAfter.Before(tmpl.NotAfter) {
+		tmpl.NotAfter = parent.Cert.NotAfter
+	}
+	return createCertificate(tmpl, parent.Cert, cert.PublicKey, parent.Signer)
 }
 
 func newCAKey() (*ecdsa.PrivateKey, error) {
@@ -216,7 +350,7 @@ func publicKeysEqual(a, b crypto.PublicKey) bool {
 }
 
 // sameCerts reports whether a and b hold the same certificates in order.
-func sameCerts(a, b []Authority) bool {
+func sameCerts(a, b []Root) bool {
 	if len(a) != len(b) {
 		return false
 	}

@@ -258,7 +258,7 @@ func TestValidate(t *testing.T) {
 			set: func(t *testing.T) *ca.AuthoritySet {
 				inter := newIssuer(t, now)
 				set := inter.AuthoritySet()
-				set.Roots = []ca.Authority{{Cert: inter.CreateX509SVID(workloadID).Certificates[0]}}
+				set.Roots = []ca.Root{{Authority: ca.Authority{Cert: inter.CreateX509SVID(workloadID).Certificates[0]}, State: ca.RootActive}}
 				return set
 			},
 			wantErr: `ca: root "" is not a CA certificate`,
@@ -318,7 +318,7 @@ func TestMarshalAuthoritySetRoundTrip(t *testing.T) {
 
 	keylessRoots := newIssuer(t, now).AuthoritySet()
 	keylessRoots.Roots[0].Signer = nil
-	keylessRoots.Roots = append(keylessRoots.Roots, ca.Authority{Cert: testca.New(t, td).Cert})
+	keylessRoots.Roots = append(keylessRoots.Roots, ca.Root{Authority: ca.Authority{Cert: testca.New(t, td).Cert}, State: ca.RootPrepared})
 
 	tests := []struct {
 		name string

@@ -169,11 +169,12 @@ func (c *CA) Sign(ctx context.Context, req SignRequest) (*Issued, error) {
 	if notAfter.After(issuer.Cert.NotAfter) {
 		notAfter = issuer.Cert.NotAfter
 	}
+	notBefore := now.Add(-backdate(notAfter.Sub(now)))
 	serial, err := newSerial()
 	if err != nil {
 		return nil, err
 	}
-	tmpl := leafTemplate(req, serial, now.Add(-Backdate), notAfter)
+	tmpl := leafTemplate(req, serial, notBefore, notAfter)
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, issuer.Cert, req.PublicKey, issuer.Signer)
 	if err != nil {
 		return nil, fmt.Errorf("ca: signing %q: %w", req.ID, err)

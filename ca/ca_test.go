@@ -216,7 +216,8 @@ func TestSignValidity(t *testing.T) {
 			c := newCA(t, inter.AuthoritySet(), clk, tt.policy)
 			issued := sign(t, c, ca.SignRequest{PublicKey: testca.NewKey(t).Public(), ID: workloadID, TTL: tt.requested})
 
-			require.Equal(t, now.Add(-ca.Backdate), issued.Cert.NotBefore)
+			// Backdated 30s, or a tenth of the lifetime when that is less.
+			require.Equal(t, now.Add(-min(ca.Backdate, tt.wantExpiresIn/10)).Truncate(time.Second), issued.Cert.NotBefore, "certificates hold whole seconds")
 			require.Equal(t, now.Add(tt.wantExpiresIn), issued.Cert.NotAfter)
 			require.False(t, issued.Cert.NotAfter.After(inter.Cert.NotAfter))
 
@@ -430,7 +431,9 @@ func TestSetAuthorities(t *testing.T) {
 		c, first, second := setup(t)
 		_, _, changed := c.WatchBundle()
 		set := first.AuthoritySet()
-		set.Roots = append(set.Roots, second.AuthoritySet().Roots...)
+		added := second.AuthoritySet().Roots[0]
+		added.State = ca.RootPrepared
+		set.Roots = append(set.Roots, added)
 		set.Sequence = 2
 		require.NoError(t, c.SetAuthorities(set))
 		require.True(t, closed(changed))

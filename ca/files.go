@@ -63,9 +63,10 @@ func LoadFiles(td spiffeid.TrustDomain, f Files, now time.Time) (*AuthoritySet, 
 		TrustDomain: td,
 		Sequence:    1,
 		Issuer:      Authority{Cert: issuer, Signer: key},
+		IssuerSince: now,
 	}
 	for _, r := range roots {
-		set.Roots = append(set.Roots, Authority{Cert: r})
+		set.Roots = append(set.Roots, Root{Authority: Authority{Cert: r}, State: RootRetiring, Since: now, BundleSequence: 1})
 	}
 	if f.CertChain != "" {
 		chainPEM, err := os.ReadFile(f.CertChain)
@@ -81,6 +82,20 @@ func LoadFiles(td spiffeid.TrustDomain, f Files, now time.Time) (*AuthoritySet, 
 				continue
 			}
 			set.Chain = append(set.Chain, c)
+		}
+	}
+	// The root the issuer chains to is active; any other root of the file
+	// stays in the bundle as retiring (one on its way out, or in).
+	inters := x509.NewCertPool()
+	for _, c := range set.Chain {
+		inters.AddCert(c)
+	}
+	for i, r := range set.Roots {
+		pool := x509.NewCertPool()
+		pool.AddCert(r.Cert)
+		if _, err := issuer.Verify(x509.VerifyOptions{Roots: pool, Intermediates: inters, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err == nil {
+			set.Roots[i].State = RootActive
+			break
 		}
 	}
 	if err := set.Validate(now); err != nil {

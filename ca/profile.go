@@ -16,8 +16,15 @@ import (
 
 // Backdate is how far before the moment of signing an issued certificate's
 // NotBefore is set, so that a peer whose clock is a little behind accepts
-// it at once.
+// it at once. Certificates shorter-lived than ten times Backdate are
+// backdated a tenth of their lifetime instead, so that backdating never
+// moves their half-life renewal point into the past.
 const Backdate = 30 * time.Second
+
+// backdate returns how far to backdate a certificate living ttl.
+func backdate(ttl time.Duration) time.Duration {
+	return min(Backdate, ttl/10)
+}
 
 // newSerial returns a random 128-bit certificate serial number. Serials are
 // never counted: a counter leaks issuance volume and invites collisions

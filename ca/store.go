@@ -8,6 +8,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -26,17 +27,32 @@ type Store interface {
 const stateVersion = 1
 
 type storedSet struct {
-	Version     int               `json:"version"`
-	TrustDomain string            `json:"trustDomain"`
-	Sequence    uint64            `json:"sequence"`
-	Roots       []storedAuthority `json:"roots"`
-	Issuer      storedAuthority   `json:"issuer"`
-	Chain       []string          `json:"chain,omitempty"`
+	Version         int                    `json:"version"`
+	TrustDomain     string                 `json:"trustDomain"`
+	Sequence        uint64                 `json:"sequence"`
+	Roots           []storedRoot           `json:"roots"`
+	Issuer          storedAuthority        `json:"issuer"`
+	IssuerSince     time.Time              `json:"issuerSince"`
+	Chain           []string               `json:"chain,omitempty"`
+	NextIssuer      *storedAuthority       `json:"nextIssuer,omitempty"`
+	RetiringIssuers []storedRetiringIssuer `json:"retiringIssuers,omitempty"`
 }
 
 type storedAuthority struct {
 	Certificate string `json:"certificate"`
 	PrivateKey  string `json:"privateKey,omitempty"`
+}
+
+type storedRoot struct {
+	storedAuthority
+	State          RootState `json:"state"`
+	Since          time.Time `json:"since"`
+	BundleSequence uint64    `json:"bundleSequence"`
+}
+
+type storedRetiringIssuer struct {
+	Certificate string    `json:"certificate"`
+	LeavesUntil time.Time `json:"leavesUntil"`
 }
 
 // MarshalAuthoritySet encodes set, private keys included, for a Store.
@@ -46,13 +62,14 @@ func MarshalAuthoritySet(set *AuthoritySet) ([]byte, error) {
 		Version:     stateVersion,
 		TrustDomain: set.TrustDomain.Name(),
 		Sequence:    set.Sequence,
+		IssuerSince: set.IssuerSince,
 	}
 	for _, r := range set.Roots {
-		a, err := marshalAuthority(r)
+		a, err := marshalAuthority(r.Authority)
 		if err != nil {
 			return nil, err
 		}
-		st.Roots = append(st.Roots, a)
+		st.Roots = append(st.Roots, storedRoot{storedAuthority: a, State: r.State, Since: r.Since, BundleSequence: r.BundleSequence})
 	}
 	iss, err := marshalAuthority(set.Issuer)
 	if err != nil {
@@ -61,6 +78,16 @@ func MarshalAuthoritySet(set *AuthoritySet) ([]byte, error) {
 	st.Issuer = iss
 	for _, c := range set.Chain {
 		st.Chain = append(st.Chain, string(certPEM(c)))
+	}
+	if set.NextIssuer != nil {
+		next, err := marshalAuthority(*set.NextIssuer)
+		if err != nil {
+			return nil, err
+		}
+		st.NextIssuer = &next
+	}
+	for _, r := range set.RetiringIssuers {
+		st.RetiringIssuers = append(st.RetiringIssuers, storedRetiringIssuer{Certificate: string(certPEM(r.Cert)), LeavesUntil: r.LeavesUntil})
 	}
 	return json.MarshalIndent(st, "", "  ")
 }
@@ -78,13 +105,13 @@ func UnmarshalAuthoritySet(data []byte) (*AuthoritySet, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ca: stored authority set: %w", err)
 	}
-	set := &AuthoritySet{TrustDomain: td, Sequence: st.Sequence}
+	set := &AuthoritySet{TrustDomain: td, Sequence: st.Sequence, IssuerSince: st.IssuerSince}
 	for i, r := range st.Roots {
-		a, err := unmarshalAuthority(r)
+		a, err := unmarshalAuthority(r.storedAuthority)
 		if err != nil {
 			return nil, fmt.Errorf("ca: stored root %d: %w", i, err)
 		}
-		set.Roots = append(set.Roots, a)
+		set.Roots = append(set.Roots, Root{Authority: a, State: r.State, Since: r.Since, BundleSequence: r.BundleSequence})
 	}
 	if set.Issuer, err = unmarshalAuthority(st.Issuer); err != nil {
 		return nil, fmt.Errorf("ca: stored issuer: %w", err)
@@ -95,6 +122,20 @@ func UnmarshalAuthoritySet(data []byte) (*AuthoritySet, error) {
 			return nil, fmt.Errorf("ca: stored chain %d: %w", i, err)
 		}
 		set.Chain = append(set.Chain, cert)
+	}
+	if st.NextIssuer != nil {
+		next, err := unmarshalAuthority(*st.NextIssuer)
+		if err != nil {
+			return nil, fmt.Errorf("ca: stored next issuer: %w", err)
+		}
+		set.NextIssuer = &next
+	}
+	for i, r := range st.RetiringIssuers {
+		cert, err := parseCertPEM([]byte(r.Certificate))
+		if err != nil {
+			return nil, fmt.Errorf("ca: stored retiring issuer %d: %w", i, err)
+		}
+		set.RetiringIssuers = append(set.RetiringIssuers, RetiringIssuer{Cert: cert, LeavesUntil: r.LeavesUntil})
 	}
 	return set, nil
 }
@@ -195,11 +236,13 @@ func parseKeyPEM(data []byte) (crypto.Signer, error) {
 }
 
 // LoadOrCreate loads the authority set from store, or, when the store has
-// none, creates a self-signed one and saves it before returning. When the
-// stored issuer nears its end (less than a third of IntermediateTTL left)
-// and the root's key is held, it is replaced by a new intermediate under
-// the same root, saved first; the bundle does not change. A root near its
-// own end is not renewed here: that is a root rotation.
+// none, creates a self-signed one and saves it before returning.
+//
+// Rotating authorities ahead of time is the rotation package's job. One
+// repair is made here, because a CA cannot start without it: an issuer
+// that has expired (the server was down longer than its life) is replaced
+// by a new intermediate under the active root, when that root's key is
+// held and the root is valid; the new set is saved first.
 func LoadOrCreate(ctx context.Context, store Store, opts AuthorityOptions) (*AuthoritySet, error) {
 	opts = opts.complete()
 	set, err := store.Load(ctx)
@@ -220,38 +263,21 @@ func LoadOrCreate(ctx context.Context, store Store, opts AuthorityOptions) (*Aut
 		return nil, fmt.Errorf("ca: stored authorities are for trust domain %q, configured is %q; a trust domain cannot be renamed in place", set.TrustDomain, opts.TrustDomain)
 	}
 	now := opts.Clock.Now()
-	if set.Issuer.Cert != nil && set.Issuer.Cert.NotAfter.Sub(now) < opts.IntermediateTTL/3 {
-		root, ok := set.issuerRoot()
-		// A new intermediate ends with its root at the latest: when the
-		// root itself is ending, another one would gain nothing.
-		if ok && root.Signer != nil && root.Cert.NotAfter.After(set.Issuer.Cert.NotAfter) {
-			issuer, err := newIntermediate(opts, root)
-			if err != nil {
-				return nil, err
-			}
-			next := *set
-			next.Issuer, next.Chain = issuer, nil
-			if err := store.Save(ctx, &next); err != nil {
-				return nil, err
-			}
-			set = &next
+	if root, ok := set.ActiveRoot(); ok && set.Issuer.Cert != nil && !now.Before(set.Issuer.Cert.NotAfter) &&
+		root.Signer != nil && now.Before(root.Cert.NotAfter) {
+		issuer, err := NewIntermediate(opts, root.Authority)
+		if err != nil {
+			return nil, err
 		}
+		next := set.Clone()
+		next.Issuer, next.IssuerSince, next.Chain, next.NextIssuer = issuer, now, nil, nil
+		if err := store.Save(ctx, next); err != nil {
+			return nil, err
+		}
+		set = next
 	}
 	if err := set.Validate(now); err != nil {
 		return nil, err
 	}
 	return set, nil
-}
-
-// issuerRoot returns the root that signed the issuer directly.
-func (s *AuthoritySet) issuerRoot() (Authority, bool) {
-	if len(s.Chain) > 0 {
-		return Authority{}, false
-	}
-	for _, r := range s.Roots {
-		if s.Issuer.Cert.CheckSignatureFrom(r.Cert) == nil {
-			return r, true
-		}
-	}
-	return Authority{}, false
 }

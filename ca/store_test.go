@@ -83,15 +83,17 @@ func TestLoadOrCreate(t *testing.T) {
 	require.NoError(t, err)
 	requireSameSet(t, first, second)
 
-	// With exactly a third of the intermediate's lifetime left, it is kept.
-	clk.SetTime(now.Add(2 * time.Hour))
+	// An issuer near its end is kept: rotating ahead is the rotation
+	// package's job.
+	clk.SetTime(now.Add(3*time.Hour - time.Second))
 	kept, err := ca.LoadOrCreate(ctx, store, opts)
 	require.NoError(t, err)
 	requireSameSet(t, first, kept)
 
-	// With less than a third left, a new intermediate is made under the
-	// same root, and saved; the bundle does not change.
-	later := now.Add(2*time.Hour + time.Second)
+	// An issuer that has expired (the server was down for longer than its
+	// life) is replaced by a new intermediate under the same root, and
+	// saved; the bundle does not change.
+	later := now.Add(3 * time.Hour)
 	clk.SetTime(later)
 	rotated, err := ca.LoadOrCreate(ctx, store, opts)
 	require.NoError(t, err)
@@ -106,6 +108,7 @@ func TestLoadOrCreate(t *testing.T) {
 	require.True(t, rotated.Issuer.Cert.MaxPathLenZero)
 	require.Equal(t, later.Add(-ca.Backdate), rotated.Issuer.Cert.NotBefore)
 	require.Equal(t, later.Add(3*time.Hour), rotated.Issuer.Cert.NotAfter)
+	require.Equal(t, later, rotated.IssuerSince)
 	require.Empty(t, rotated.Chain)
 	require.NoError(t, rotated.Validate(later))
 
@@ -118,7 +121,7 @@ func TestLoadOrCreate(t *testing.T) {
 	require.Equal(t, saved.Issuer.Cert.Raw, first.Issuer.Cert.Raw)
 }
 
-func TestLoadOrCreateRotatedIssuerEndsWithRoot(t *testing.T) {
+func TestLoadOrCreateRepairedIssuerEndsWithRoot(t *testing.T) {
 	ctx := context.Background()
 	now := testNow()
 	clk := clocktesting.NewFakePassiveClock(now)
@@ -129,19 +132,17 @@ func TestLoadOrCreateRotatedIssuerEndsWithRoot(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, 1, store.saves)
 
-	at := now.Add(2*time.Hour + time.Minute)
-	clk.SetTime(at)
-	rotated, err := ca.LoadOrCreate(ctx, store, opts)
+	clk.SetTime(now.Add(3*time.Hour + time.Minute))
+	repaired, err := ca.LoadOrCreate(ctx, store, opts)
 	require.NoError(t, err)
 	require.Equal(t, 2, store.saves)
-	require.Equal(t, first.Roots[0].Cert.NotAfter, rotated.Issuer.Cert.NotAfter, "intermediate outlives its root")
+	require.Equal(t, first.Roots[0].Cert.NotAfter, repaired.Issuer.Cert.NotAfter, "intermediate outlives its root")
 
-	// The issuer now ends with the root: loading again, however often,
-	// makes no new one, as it could not last longer.
+	// The repaired issuer is valid: loading again changes nothing.
 	for range 3 {
 		again, err := ca.LoadOrCreate(ctx, store, opts)
 		require.NoError(t, err)
-		require.Equal(t, rotated.Issuer.Cert.Raw, again.Issuer.Cert.Raw)
+		require.Equal(t, repaired.Issuer.Cert.Raw, again.Issuer.Cert.Raw)
 	}
 	require.Equal(t, 2, store.saves)
 }
@@ -194,7 +195,7 @@ func TestLoadOrCreateErrors(t *testing.T) {
 
 		broken := errors.New("disk full")
 		store.saveErr = broken
-		clk.SetTime(now.Add(150 * time.Minute))
+		clk.SetTime(now.Add(3 * time.Hour))
 		set, err := ca.LoadOrCreate(ctx, store, opts)
 		require.ErrorIs(t, err, broken)
 		require.Nil(t, set, "an issuer that was not saved was returned")

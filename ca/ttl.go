@@ -23,16 +23,20 @@ type TTLPolicy struct {
 
 // TTL returns the lifetime to issue for a request of requested.
 func (p TTLPolicy) TTL(requested time.Duration) time.Duration {
-	def, limit := p.Default, p.Max
-	if def <= 0 {
-		def = DefaultTTL
-	}
-	if limit <= 0 {
-		limit = MaxTTL
-	}
 	ttl := requested
 	if ttl <= 0 {
-		ttl = def
+		ttl = p.Default
+		if ttl <= 0 {
+			ttl = DefaultTTL
+		}
 	}
-	return min(ttl, limit)
+	return min(ttl, p.Longest())
+}
+
+// Longest returns the longest lifetime the policy issues.
+func (p TTLPolicy) Longest() time.Duration {
+	if p.Max <= 0 {
+		return MaxTTL
+	}
+	return p.Max
 }

@@ -73,12 +73,12 @@ func TestNewStaticTokensRefusesBadEntries(t *testing.T) {
 		entry identity.TokenFileEntry
 		err   string
 	}{
-		{"bad id", identity.TokenFileEntry{ID: "not-an-id", SHA256: sha(demoToken)}, "entry 0: id: scheme is missing or invalid"},
-		{"other trust domain", identity.TokenFileEntry{ID: "spiffe://other.org/x", SHA256: sha(demoToken)}, `entry 0: id "spiffe://other.org/x" is not in trust domain "example.org"`},
-		{"both", identity.TokenFileEntry{ID: demoID.String(), SHA256: sha(demoToken), Token: demoToken}, "entry 0: give sha256 or token, not both"},
-		{"short token", identity.TokenFileEntry{ID: demoID.String(), Token: "short"}, "entry 0: token is shorter than 16 characters"},
-		{"bad hash", identity.TokenFileEntry{ID: demoID.String(), SHA256: "abcd"}, "entry 0: sha256 is not 64 hex digits"},
-		{"neither", identity.TokenFileEntry{ID: demoID.String()}, "entry 0: has neither sha256 nor token"},
+		{"bad id", identity.TokenFileEntry{ID: "not-an-id", SHA256: sha(demoToken)}, "identity: token entry 0: id: scheme is missing or invalid"},
+		{"other trust domain", identity.TokenFileEntry{ID: "spiffe://other.org/x", SHA256: sha(demoToken)}, `identity: token entry 0: id "spiffe://other.org/x" is not in trust domain "example.org"`},
+		{"both", identity.TokenFileEntry{ID: demoID.String(), SHA256: sha(demoToken), Token: demoToken}, "identity: token entry 0: give sha256 or token, not both"},
+		{"short token", identity.TokenFileEntry{ID: demoID.String(), Token: "short"}, "identity: token entry 0: token is shorter than 16 characters"},
+		{"bad hash", identity.TokenFileEntry{ID: demoID.String(), SHA256: "abcd"}, "identity: token entry 0: sha256 is not 64 hex digits"},
+		{"neither", identity.TokenFileEntry{ID: demoID.String()}, "identity: token entry 0: has neither sha256 nor token"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			_, err := identity.NewStaticTokens(identity.TokenFile{Tokens: []identity.TokenFileEntry{tt.entry}}, td)

@@ -61,7 +61,7 @@ func LoadStaticTokens(path string, td spiffeid.TrustDomain) (*StaticTokens, erro
 	}
 	st, err := NewStaticTokens(f, td)
 	if err != nil {
-		return nil, fmt.Errorf("identity: token file %s: %w", path, err)
+		return nil, fmt.Errorf("%w (token file %s)", err, path)
 	}
 	return st, nil
 }
@@ -86,27 +86,27 @@ func NewStaticTokens(f TokenFile, td spiffeid.TrustDomain) (*StaticTokens, error
 	for i, e := range f.Tokens {
 		id, err := spiffeid.FromString(e.ID)
 		if err != nil {
-			return nil, fmt.Errorf("entry %d: id: %w", i, err)
+			return nil, fmt.Errorf("identity: token entry %d: id: %w", i, err)
 		}
 		if id.TrustDomain() != td {
-			return nil, fmt.Errorf("entry %d: id %q is not in trust domain %q", i, id, td)
+			return nil, fmt.Errorf("identity: token entry %d: id %q is not in trust domain %q", i, id, td)
 		}
 		entry := tokenEntry{id: id}
 		switch {
 		case e.SHA256 != "" && e.Token != "":
-			return nil, fmt.Errorf("entry %d: give sha256 or token, not both", i)
+			return nil, fmt.Errorf("identity: token entry %d: give sha256 or token, not both", i)
 		case e.SHA256 != "":
 			h, err := hex.DecodeString(e.SHA256)
 			if err != nil || len(h) != sha256.Size {
-				return nil, fmt.Errorf("entry %d: sha256 is not 64 hex digits", i)
+				return nil, fmt.Errorf("identity: token entry %d: sha256 is not 64 hex digits", i)
 			}
 			copy(entry.hash[:], h)
 		case len(e.Token) >= MinTokenLength:
 			entry.hash = sha256.Sum256([]byte(e.Token))
 		case e.Token != "":
-			return nil, fmt.Errorf("entry %d: token is shorter than %d characters", i, MinTokenLength)
+			return nil, fmt.Errorf("identity: token entry %d: token is shorter than %d characters", i, MinTokenLength)
 		default:
-			return nil, fmt.Errorf("entry %d: has neither sha256 nor token", i)
+			return nil, fmt.Errorf("identity: token entry %d: has neither sha256 nor token", i)
 		}
 		st.entries = append(st.entries, entry)
 	}

@@ -136,7 +136,7 @@ func (c *CA) AuthoritySet() *ca.AuthoritySet {
 	return &ca.AuthoritySet{
 		TrustDomain: c.td,
 		Sequence:    1,
-		Roots:       []ca.Authority{{Cert: root.Cert, Signer: root.Key}},
+		Roots:       []ca.Root{{Authority: ca.Authority{Cert: root.Cert, Signer: root.Key}, State: ca.RootActive}},
 		Issuer:      ca.Authority{Cert: c.Cert, Signer: c.Key},
 		Chain:       chain[1:],
 	}

@@ -1,12 +1,12 @@
 package main
 
 import (
-	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -52,6 +52,11 @@ type Config struct {
 	// LogLevel is debug, info, warn or error. Default info.
 	LogLevel string `json:"logLevel"`
 
+	// AdminSocket is the Unix socket of the admin API (meshctl root ...),
+	// created mode 0600: whoever can open it is an operator. Default
+	// <dataDir>/admin.sock; "off" disables it.
+	AdminSocket string `json:"adminSocket"`
+
 	// Profiling serves Go's /debug/pprof on the metrics address, for
 	// finding where CPU time goes under load. Default off.
 	Profiling bool `json:"profiling"`
@@ -73,7 +78,14 @@ type AuthorityConfig struct {
 	RootTTL Duration `json:"rootTTL"`
 
 	// IntermediateTTL of a created intermediate. Default 8760h (1 year).
+	// Intermediates rotate by themselves: a successor is prepared with a
+	// third of the life left and takes over with a sixth left.
 	IntermediateTTL Duration `json:"intermediateTTL"`
+
+	// RotationCheckInterval is how often the intermediate is checked.
+	// Default a minute, or a twentieth of the intermediate's life if
+	// shorter.
+	RotationCheckInterval Duration `json:"rotationCheckInterval"`
 
 	// Files of mode "files".
 	Files FilesConfig `json:"files"`
@@ -176,6 +188,9 @@ func (c Config) complete() (*completeConfig, error) {
 	if c.Server.IPAddresses == nil {
 		c.Server.IPAddresses = []string{"127.0.0.1", "::1"}
 	}
+	if c.AdminSocket == "" {
+		c.AdminSocket = filepath.Join(c.DataDir, "admin.sock")
+	}
 	if c.LogLevel == "" {
 		c.LogLevel = "info"
 	}
@@ -219,7 +234,7 @@ func (c Config) complete() (*completeConfig, error) {
 	if cc.ttl.Default < 0 || cc.ttl.Max < 0 {
 		errs = append(errs, errors.New("leaf: TTLs must not be negative"))
 	}
-	if maxTTL := cmp.Or(cc.ttl.Max, ca.MaxTTL); cc.ttl.Default > maxTTL {
+	if maxTTL := cc.ttl.Longest(); cc.ttl.Default > maxTTL {
 		errs = append(errs, fmt.Errorf("leaf.defaultTTL %s is longer than the maximum %s", cc.ttl.Default, maxTTL))
 	}
 	if c.Profiling && c.MetricsAddress == "off" {

@@ -27,12 +27,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
 
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/ca/filestore"
 	"github.com/meshca/meshca/identity"
 	"github.com/meshca/meshca/internal/securefile"
 	"github.com/meshca/meshca/internal/server"
+	"github.com/meshca/meshca/rotation"
 )
 
 // servingCertTTL is the lifetime of the server's own certificate; it is
@@ -127,11 +129,13 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 	var level slog.Level
 	_ = level.UnmarshalText([]byte(cfg.LogLevel))
 	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
+	// Audit lines are written whatever the log level.
+	audit := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("data directory: %w", err)
 	}
-	set, err := loadAuthorities(ctx, cfg)
+	set, store, err := loadAuthorities(ctx, cfg)
 	if err != nil {
 		return err
 	}
@@ -142,6 +146,27 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 	bundlePath := filepath.Join(cfg.DataDir, "bundle.pem")
 	if err := writeBundle(bundlePath, c); err != nil {
 		return err
+	}
+	go followBundle(ctx, bundlePath, c, log)
+
+	maxLeafTTL := cfg.ttl.Longest()
+	tracker := rotation.NewTracker(maxLeafTTL, nil)
+	var manager *rotation.Manager
+	if store != nil {
+		manager, err = rotation.NewManager(rotation.ManagerOptions{
+			CA:            c,
+			Store:         store,
+			Authority:     authorityOptions(cfg),
+			MaxLeafTTL:    maxLeafTTL,
+			Tracker:       tracker,
+			CheckInterval: time.Duration(cfg.Authority.RotationCheckInterval),
+			Logger:        log,
+			AfterSave:     failpoint(log),
+		})
+		if err != nil {
+			return err
+		}
+		go func() { _ = manager.Run(ctx) }()
 	}
 
 	authns := []identity.Authenticator{}
@@ -161,8 +186,10 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 		Authenticator: identity.Chain(authns...),
 		Policy:        identity.Policy{TrustDomain: cfg.td, Reserved: []spiffeid.ID{cfg.serverID}},
 		Logger:        log,
+		AuditLogger:   audit,
 		Registerer:    reg,
 		RefreshHint:   time.Duration(cfg.BundleRefreshHint),
+		Observer:      tracker,
 	})
 	if err != nil {
 		return err
@@ -200,8 +227,19 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 		}()
 	}
 
-	errc := make(chan error, 1)
+	errc := make(chan error, 2)
 	go func() { errc <- g.Serve(lis) }()
+
+	var admin *grpc.Server
+	if cfg.AdminSocket != "off" {
+		adminLis, err := listenUnix(cfg.AdminSocket)
+		if err != nil {
+			lis.Close()
+			return err
+		}
+		admin = server.NewAdminServer(server.AdminOptions{CA: c, Manager: manager, Tracker: tracker, MaxLeafTTL: maxLeafTTL, Logger: audit})
+		go func() { errc <- admin.Serve(adminLis) }()
+	}
 	root := set.Roots[0].Cert
 	log.Info("meshca-server ready",
 		"address", lis.Addr().String(),
@@ -210,7 +248,8 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 		"server_id", cfg.serverID.String(),
 		"root_serial", root.SerialNumber.Text(16),
 		"root_not_after", root.NotAfter,
-		"bundle", bundlePath)
+		"bundle", bundlePath,
+		"admin_socket", cfg.AdminSocket)
 	if cfg.Demo {
 		printBanner(stdout, cfg, lis.Addr().String(), bundlePath, demoTokenPath)
 	}
@@ -221,6 +260,9 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 	case <-ctx.Done():
 	}
 	log.Info("shutting down", "grace", shutdownGrace.String())
+	if admin != nil {
+		admin.Stop()
+	}
 	srv.Shutdown()
 	stopped := make(chan struct{})
 	go func() { g.GracefulStop(); close(stopped) }()
@@ -238,20 +280,83 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 	return nil
 }
 
-func loadAuthorities(ctx context.Context, cfg *completeConfig) (*ca.AuthoritySet, error) {
+// loadAuthorities returns the authority set and, when it is ours to
+// rotate (mode selfsigned), the store it lives in.
+func loadAuthorities(ctx context.Context, cfg *completeConfig) (*ca.AuthoritySet, ca.Store, error) {
 	if cfg.Authority.Mode == "files" {
 		f := cfg.Authority.Files
-		return ca.LoadFiles(cfg.td, ca.Files{RootCert: f.RootCert, CACert: f.CACert, CAKey: f.CAKey, CertChain: f.CertChain}, time.Now())
+		set, err := ca.LoadFiles(cfg.td, ca.Files{RootCert: f.RootCert, CACert: f.CACert, CAKey: f.CAKey, CertChain: f.CertChain}, time.Now())
+		return set, nil, err
 	}
 	store, err := filestore.New(cfg.DataDir)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return ca.LoadOrCreate(ctx, store, ca.AuthorityOptions{
+	set, err := ca.LoadOrCreate(ctx, store, authorityOptions(cfg))
+	return set, store, err
+}
+
+func authorityOptions(cfg *completeConfig) ca.AuthorityOptions {
+	return ca.AuthorityOptions{
 		TrustDomain:     cfg.td,
 		RootTTL:         time.Duration(cfg.Authority.RootTTL),
 		IntermediateTTL: time.Duration(cfg.Authority.IntermediateTTL),
-	})
+	}
+}
+
+// followBundle rewrites the bundle file on every bundle change.
+func followBundle(ctx context.Context, path string, c *ca.CA, log *slog.Logger) {
+	for {
+		_, _, changed := c.WatchBundle()
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		}
+		if err := writeBundle(path, c); err != nil {
+			log.Error("writing the bundle file", "path", path, "error", err)
+		}
+	}
+}
+
+// listenUnix listens on a Unix socket only its owner can connect to,
+// replacing a socket left by a previous run.
+func listenUnix(path string) (net.Listener, error) {
+	if info, err := os.Lstat(path); err == nil {
+		if info.Mode()&fs.ModeSocket == 0 {
+			return nil, fmt.Errorf("admin socket %s exists and is not a socket", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("admin socket: %w", err)
+		}
+	}
+	// The umask makes the socket private from its creation: no window in
+	// which others could connect before a chmod.
+	old := syscall.Umask(0o077)
+	lis, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	return lis, nil
+}
+
+// failpointEnv names a step after whose save the server kills itself, for
+// the crash tests. Never set it outside them.
+const failpointEnv = "MESHCA_FAILPOINT_KILL_AFTER_SAVE"
+
+func failpoint(log *slog.Logger) func(rotation.Step) {
+	step := os.Getenv(failpointEnv)
+	if step == "" {
+		return nil
+	}
+	log.Warn("failpoint armed: the server will kill itself after saving this step", "step", step)
+	return func(s rotation.Step) {
+		if string(s) == step {
+			_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+			select {} // the signal is on its way
+		}
+	}
 }
 
 func writeBundle(path string, c *ca.CA) error {

@@ -60,8 +60,15 @@ type readyLine struct {
 // waits until it says it is ready.
 func startServer(t *testing.T, args ...string) (*serverProc, readyLine) {
 	t.Helper()
+	return startServerEnv(t, nil, args...)
+}
+
+// startServerEnv is startServer with extra environment variables.
+func startServerEnv(t *testing.T, env []string, args ...string) (*serverProc, readyLine) {
+	t.Helper()
 	args = append([]string{"--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"}, args...)
 	cmd := exec.Command(filepath.Join(binDir, "meshca-server"), args...)
+	cmd.Env = append(os.Environ(), env...)
 	stdout := &lockedBuffer{}
 	cmd.Stdout = stdout
 	stderr, err := cmd.StderrPipe()

@@ -31,6 +31,8 @@ func newRootCommand(stdout, stderr io.Writer) *cobra.Command {
 		newInspectCommand(),
 		newBundleCommand(),
 		newBenchCommand(),
+		newRootRotationCommand(),
+		newIntermediateCommand(),
 	)
 	return root
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -29,6 +30,9 @@ import (
 // Larger requests are refused by the transport before they are parsed.
 const MaxRequestBytes = 64 << 10
 
+// maxHeaderBytes bounds a request's metadata.
+const maxHeaderBytes = 16 << 10
+
 // DefaultRefreshHint is how often bundle consumers are told to check for a
 // new bundle.
 const DefaultRefreshHint = 5 * time.Minute
@@ -44,8 +48,12 @@ type Options struct {
 	// Policy authorises identities. Its TrustDomain defaults to the CA's.
 	Policy identity.Policy
 
-	// Logger receives operational logs and audit lines; nil discards them.
+	// Logger receives operational logs; nil discards them.
 	Logger *slog.Logger
+
+	// AuditLogger receives one line for every certificate issued or
+	// refused, whatever the operational log level; nil means Logger.
+	AuditLogger *slog.Logger
 
 	// Registerer receives the server's metrics; nil registers nowhere.
 	Registerer prometheus.Registerer
@@ -57,6 +65,15 @@ type Options struct {
 	// MaxRequestBytes bounds a request message; zero means
 	// MaxRequestBytes.
 	MaxRequestBytes int
+
+	// Observer, when set, is told the bundle sequence each caller reported
+	// holding on every certificate issued (rotation.Tracker).
+	Observer Observer
+}
+
+// Observer learns which bundle sequence each workload holds.
+type Observer interface {
+	Observe(id spiffeid.ID, bundleSequence uint64)
 }
 
 // Server holds the shared request path and the gRPC services of meshca.
@@ -71,6 +88,7 @@ type Server struct {
 	maxBytes int
 	bundles  bundleCache
 	health   *health.Server
+	observer Observer
 
 	stopOnce sync.Once
 	stopping chan struct{} // closed by Shutdown
@@ -86,6 +104,9 @@ func New(opts Options) (*Server, error) {
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if opts.AuditLogger == nil {
+		opts.AuditLogger = opts.Logger
 	}
 	if opts.Registerer == nil {
 		opts.Registerer = prometheus.NewRegistry()
@@ -105,12 +126,13 @@ func New(opts Options) (*Server, error) {
 		authn:    opts.Authenticator,
 		policy:   opts.Policy,
 		log:      opts.Logger,
-		audit:    opts.Logger.With(slog.Bool("audit", true)),
+		audit:    opts.AuditLogger.With(slog.Bool("audit", true)),
 		metrics:  m,
 		hint:     opts.RefreshHint,
 		maxBytes: opts.MaxRequestBytes,
 		health:   health.NewServer(),
 		stopping: make(chan struct{}),
+		observer: opts.Observer,
 	}, nil
 }
 
@@ -124,6 +146,8 @@ func (s *Server) GRPCServer(tlsConfig *tls.Config, opts ...grpc.ServerOption) *g
 	opts = append([]grpc.ServerOption{
 		grpc.Creds(credentials.NewTLS(tlsConfig)),
 		grpc.MaxRecvMsgSize(s.maxBytes),
+		// Headers carry the bearer token (8 KiB at most) and little else.
+		grpc.MaxHeaderListSize(maxHeaderBytes),
 	}, opts...)
 	g := grpc.NewServer(opts...)
 	meshcav1.RegisterCertificateServiceServer(g, &certificateService{s: s})
@@ -181,6 +205,9 @@ func (s *Server) issue(ctx context.Context, r issueRequest) (*ca.Issued, error) 
 			slog.String("reason", reason),
 			slog.String("error", st.Message()))...)
 		return nil, st.Err()
+	}
+	if s.observer != nil {
+		s.observer.Observe(caller.ID, r.bundleSequence)
 	}
 	s.metrics.issued.WithLabelValues(r.api).Inc()
 	s.metrics.latency.WithLabelValues(r.api, "issued").Observe(time.Since(start).Seconds())

@@ -494,7 +494,7 @@ func TestWatchBundleStreamsChanges(t *testing.T) {
 	// pushes it.
 	next := *h.ca.Authorities()
 	newRoot := testca.New(t, td)
-	next.Roots = append(append([]ca.Authority{}, next.Roots...), ca.Authority{Cert: newRoot.Cert})
+	next.Roots = append(append([]ca.Root{}, next.Roots...), ca.Root{Authority: ca.Authority{Cert: newRoot.Cert}, State: ca.RootPrepared})
 	next.Sequence = 2
 	require.NoError(t, h.ca.SetAuthorities(&next))
 

@@ -39,10 +39,12 @@ const (
 type CertificateServiceClient interface {
 	// Sign issues a certificate for the CSR's public key.
 	//
-	// Errors: INVALID_ARGUMENT for a CSR that is malformed or asks for what the
-	// profile forbids; UNAUTHENTICATED for a missing or bad credential;
-	// PERMISSION_DENIED when the CSR asks for an identity other than the
-	// credential's; RESOURCE_EXHAUSTED for a request over the size limit.
+	// Errors: INVALID_ARGUMENT for a CSR that is malformed, too large (16 KiB)
+	// or asks for what the profile forbids; UNAUTHENTICATED for a missing or
+	// bad credential; PERMISSION_DENIED when the CSR asks for an identity
+	// other than the credential's; RESOURCE_EXHAUSTED for a message over the
+	// transport limit (64 KiB), refused before it is parsed; UNAVAILABLE when
+	// the CA cannot sign now (retry, or another replica).
 	Sign(ctx context.Context, in *SignRequest, opts ...grpc.CallOption) (*SignResponse, error)
 }
 
@@ -77,10 +79,12 @@ func (c *certificateServiceClient) Sign(ctx context.Context, in *SignRequest, op
 type CertificateServiceServer interface {
 	// Sign issues a certificate for the CSR's public key.
 	//
-	// Errors: INVALID_ARGUMENT for a CSR that is malformed or asks for what the
-	// profile forbids; UNAUTHENTICATED for a missing or bad credential;
-	// PERMISSION_DENIED when the CSR asks for an identity other than the
-	// credential's; RESOURCE_EXHAUSTED for a request over the size limit.
+	// Errors: INVALID_ARGUMENT for a CSR that is malformed, too large (16 KiB)
+	// or asks for what the profile forbids; UNAUTHENTICATED for a missing or
+	// bad credential; PERMISSION_DENIED when the CSR asks for an identity
+	// other than the credential's; RESOURCE_EXHAUSTED for a message over the
+	// transport limit (64 KiB), refused before it is parsed; UNAVAILABLE when
+	// the CA cannot sign now (retry, or another replica).
 	Sign(context.Context, *SignRequest) (*SignResponse, error)
 	mustEmbedUnimplementedCertificateServiceServer()
 }

@@ -1,0 +1,514 @@
+package rotation
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+
+	"k8s.io/utils/clock"
+
+	"github.com/meshca/meshca/ca"
+)
+
+// Step names a change of the authority set, in logs and for the AfterSave
+// hook.
+type Step string
+
+// The steps of rotation.
+const (
+	StepPrepareRoot          Step = "prepare-root"
+	StepActivateRoot         Step = "activate-root"
+	StepRetireRoot           Step = "retire-root"
+	StepPrepareIntermediate  Step = "prepare-intermediate"
+	StepActivateIntermediate Step = "activate-intermediate"
+	StepPruneIntermediates   Step = "prune-intermediates"
+)
+
+// RefusedError is an operation refused because it is not safe yet. Force
+// overrides it.
+type RefusedError struct {
+	Step Step
+	msg  string
+}
+
+func (e *RefusedError) Error() string { return fmt.Sprintf("rotation: %s refused: %s", e.Step, e.msg) }
+
+// ErrNotApplicable is wrapped by an operation that has nothing to act on:
+// activate with no prepared root, retire with no retiring root.
+var ErrNotApplicable = errors.New("rotation: nothing to do")
+
+// ManagerOptions configure a Manager.
+type ManagerOptions struct {
+	// CA whose authorities are rotated. Required.
+	CA *ca.CA
+
+	// Store keeps the authority set; every step is saved before it takes
+	// effect. Required.
+	Store ca.Store
+
+	// Authority configures the authorities the manager creates: trust
+	// domain, lifetimes. Its Clock is replaced by Clock.
+	Authority ca.AuthorityOptions
+
+	// MaxLeafTTL is the longest lifetime of a certificate the CA issues.
+	// Required.
+	MaxLeafTTL time.Duration
+
+	// Tracker tells how far a prepared root has propagated. Required.
+	Tracker *Tracker
+
+	// Clock tells the time and ticks; nil means the real clock.
+	Clock clock.WithTicker
+
+	// CheckInterval is how often Run checks the intermediate; zero means
+	// a minute, or a twentieth of the intermediate lifetime if shorter.
+	CheckInterval time.Duration
+
+	// Logger receives what the manager does; nil discards.
+	Logger *slog.Logger
+
+	// AfterSave, when set, is called after each step's state is saved and
+	// before it takes effect. Crash tests kill the process there.
+	AfterSave func(Step)
+}
+
+// Manager rotates a CA's authorities: intermediates on their own before
+// they expire, and roots by an operator's prepare, activate and retire. It
+// is safe for concurrent use; one step runs at a time.
+type Manager struct {
+	opts  ManagerOptions
+	log   *slog.Logger
+	clock clock.WithTicker
+
+	mu sync.Mutex // serialises steps
+}
+
+// OpOptions modify an operator's step.
+type OpOptions struct {
+	// Force overrides a refusal.
+	Force bool
+
+	// DryRun says what would happen and changes nothing.
+	DryRun bool
+}
+
+// Result is the outcome of an operator's step.
+type Result struct {
+	// Summary says what was done, or with DryRun what would be.
+	Summary string
+
+	// Applied reports whether the authority set changed.
+	Applied bool
+
+	// Forced reports whether Force overrode a refusal.
+	Forced bool
+}
+
+// NewManager returns a Manager.
+func NewManager(opts ManagerOptions) (*Manager, error) {
+	if opts.CA == nil || opts.Store == nil || opts.Tracker == nil {
+		return nil, errors.New("rotation: a CA, a Store and a Tracker are required")
+	}
+	if opts.MaxLeafTTL <= 0 {
+		return nil, errors.New("rotation: MaxLeafTTL is required")
+	}
+	if opts.Clock == nil {
+		opts.Clock = clock.RealClock{}
+	}
+	opts.Authority.Clock = opts.Clock
+	opts.Authority.TrustDomain = opts.CA.TrustDomain()
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	return &Manager{opts: opts, log: opts.Logger, clock: opts.Clock}, nil
+}
+
+// Run checks the intermediate at start and then every CheckInterval until
+// ctx is done, preparing, activating and pruning intermediates when due.
+// A failed check is logged and tried again at the next tick.
+func (m *Manager) Run(ctx context.Context) error {
+	interval := m.opts.CheckInterval
+	if interval <= 0 {
+		interval = time.Minute
+		if life := m.issuerLife(); life > 0 && life/20 < interval {
+			interval = life / 20
+		}
+	}
+	t := m.clock.NewTicker(interval)
+	defer t.Stop()
+	for {
+		if err := m.RotateIntermediates(ctx); err != nil && ctx.Err() == nil {
+			m.log.Error("intermediate rotation failed; will retry", "error", err, "retry_in", interval.String())
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C():
+		}
+	}
+}
+
+func (m *Manager) issuerLife() time.Duration {
+	iss := m.opts.CA.Authorities().Issuer.Cert
+	return iss.NotAfter.Sub(iss.NotBefore)
+}
+
+// Thresholds of intermediate rotation, as fractions of its life left: a
+// successor is prepared with a third left, and takes over with a sixth
+// left, but always with room for one full leaf lifetime, so that leaves are
+// never cut short by their issuer's end.
+func (m *Manager) prepareAt(iss *ca.Authority) time.Time {
+	life := iss.Cert.NotAfter.Sub(iss.Cert.NotBefore)
+	return iss.Cert.NotAfter.Add(-max(life/3, 2*m.opts.MaxLeafTTL))
+}
+
+func (m *Manager) activateAt(iss *ca.Authority) time.Time {
+	life := iss.Cert.NotAfter.Sub(iss.Cert.NotBefore)
+	return iss.Cert.NotAfter.Add(-max(life/6, m.opts.MaxLeafTTL))
+}
+
+// RotateIntermediates makes whichever intermediate steps are due: prepare
+// a successor, let it take over, forget retired issuers whose leaves have
+// all expired. The bundle never changes.
+func (m *Manager) RotateIntermediates(ctx context.Context) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	now := m.clock.Now()
+	set := m.opts.CA.Authorities()
+
+	switch due := !now.Before(m.activateAt(&set.Issuer)); {
+	case due || (set.NextIssuer == nil && !now.Before(m.prepareAt(&set.Issuer))):
+		next := set.NextIssuer
+		if next == nil {
+			// Prepare one; when the activation is due already (a check ran
+			// late), it takes over at once.
+			made, ok, err := m.successor(set)
+			if err != nil || !ok {
+				return err
+			}
+			next = &made
+		}
+		if !due {
+			n := set.Clone()
+			n.NextIssuer = next
+			if err := m.commit(ctx, StepPrepareIntermediate, n); err != nil {
+				return err
+			}
+			set = n
+			break
+		}
+		n, err := m.withIssuer(set, *next, now)
+		if err != nil {
+			return err
+		}
+		if err := m.commit(ctx, StepActivateIntermediate, n); err != nil {
+			return err
+		}
+		set = n
+	}
+	if kept := liveIssuers(set.RetiringIssuers, now); len(kept) != len(set.RetiringIssuers) {
+		n := set.Clone()
+		n.RetiringIssuers = kept
+		return m.commit(ctx, StepPruneIntermediates, n)
+	}
+	return nil
+}
+
+// successor makes an intermediate to follow the issuer, under the active
+// root; false when that root's key is not held, or the root would end the
+// successor no later than the issuer (a root rotation is due, not an
+// intermediate one).
+func (m *Manager) successor(set *ca.AuthoritySet) (ca.Authority, bool, error) {
+	root, ok := set.ActiveRoot()
+	if !ok || root.Signer == nil || !root.Cert.NotAfter.After(set.Issuer.Cert.NotAfter) {
+		return ca.Authority{}, false, nil
+	}
+	next, err := ca.NewIntermediate(m.opts.Authority, root.Authority)
+	return next, err == nil, err
+}
+
+func liveIssuers(issuers []ca.RetiringIssuer, now time.Time) []ca.RetiringIssuer {
+	var kept []ca.RetiringIssuer
+	for _, r := range issuers {
+		if now.Before(r.LeavesUntil) {
+			kept = append(kept, r)
+		}
+	}
+	return kept
+}
+
+// withIssuer returns set with issuer signing from now on: the old issuer
+// retires, and the new one is cross-signed by every other trusted root
+// whose key is held, so that peers trusting only those roots verify its
+// leaves.
+func (m *Manager) withIssuer(set *ca.AuthoritySet, issuer ca.Authority, now time.Time) (*ca.AuthoritySet, error) {
+	n := set.Clone()
+	old := set.Issuer.Cert
+	n.RetiringIssuers = append(liveIssuers(n.RetiringIssuers, now), ca.RetiringIssuer{
+		Cert:        old,
+		LeavesUntil: minTime(old.NotAfter, now.Add(m.opts.MaxLeafTTL)),
+	})
+	n.Issuer, n.IssuerSince, n.NextIssuer, n.Chain = issuer, now, nil, nil
+	for _, r := range set.Roots {
+		if r.State == ca.RootPrepared || r.Signer == nil || issuer.Cert.CheckSignatureFrom(r.Cert) == nil {
+			continue
+		}
+		cross, err := ca.CrossSign(issuer.Cert, r.Authority)
+		if err != nil {
+			return nil, err
+		}
+		n.Chain = append(n.Chain, cross)
+	}
+	return n, nil
+}
+
+// commit saves set, then makes it the CA's. A crash between the two
+// leaves the saved set, which the next start loads: every step either
+// happened or did not.
+func (m *Manager) commit(ctx context.Context, step Step, set *ca.AuthoritySet) error {
+	if err := set.Validate(m.clock.Now()); err != nil {
+		return fmt.Errorf("rotation: %s would make an invalid authority set: %w", step, err)
+	}
+	if err := m.opts.Store.Save(ctx, set); err != nil {
+		return fmt.Errorf("rotation: %s: saving: %w", step, err)
+	}
+	if m.opts.AfterSave != nil {
+		m.opts.AfterSave(step)
+	}
+	if err := m.opts.CA.SetAuthorities(set); err != nil {
+		return fmt.Errorf("rotation: %s: %w", step, err)
+	}
+	m.log.Info("authorities rotated", "step", string(step), "bundle_sequence", set.Sequence,
+		"issuer_serial", set.Issuer.Cert.SerialNumber.Text(16))
+	return nil
+}
+
+// RotateIntermediate replaces the issuer now with a new intermediate under
+// the active root (an operator's rotation, say after a suspected key
+// leak). The bundle does not change.
+func (m *Manager) RotateIntermediate(ctx context.Context, op OpOptions) (Result, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	set := m.opts.CA.Authorities()
+	root, ok := set.ActiveRoot()
+	if !ok || root.Signer == nil {
+		return Result{}, &RefusedError{Step: StepActivateIntermediate, msg: "the active root's key is not held here, so no new intermediate can be made; replace the CA files instead"}
+	}
+	summary := fmt.Sprintf("a new intermediate under root %s takes over from %s; leaves of the old one stay valid until they expire", serial(root.Cert), serial(set.Issuer.Cert))
+	if op.DryRun {
+		return Result{Summary: "would: " + summary}, nil
+	}
+	now := m.clock.Now()
+	next, err := ca.NewIntermediate(m.opts.Authority, root.Authority)
+	if err != nil {
+		return Result{}, err
+	}
+	n, err := m.withIssuer(set, next, now)
+	if err != nil {
+		return Result{}, err
+	}
+	if err := m.commit(ctx, StepActivateIntermediate, n); err != nil {
+		return Result{}, err
+	}
+	return Result{Summary: summary, Applied: true}, nil
+}
+
+// PrepareRoot creates a new self-signed root and adds it to the bundle,
+// raising the bundle sequence. It does not sign yet.
+func (m *Manager) PrepareRoot(ctx context.Context, op OpOptions) (Result, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	set := m.opts.CA.Authorities()
+	if p, ok := rootIn(set, ca.RootPrepared); ok {
+		return Result{}, &RefusedError{Step: StepPrepareRoot, msg: fmt.Sprintf("root %s is already prepared; activate it first", serial(p.Cert))}
+	}
+	summary := fmt.Sprintf("a new root joins the trust bundle (sequence %d); it signs nothing until activate", set.Sequence+1)
+	if op.DryRun {
+		return Result{Summary: "would: " + summary}, nil
+	}
+	root, err := ca.NewRoot(m.opts.Authority)
+	if err != nil {
+		return Result{}, err
+	}
+	n := set.Clone()
+	n.Sequence++
+	n.Roots = append(n.Roots, ca.Root{Authority: root, State: ca.RootPrepared, Since: m.clock.Now(), BundleSequence: n.Sequence})
+	if err := m.commit(ctx, StepPrepareRoot, n); err != nil {
+		return Result{}, err
+	}
+	return Result{Summary: fmt.Sprintf("root %s prepared: in the trust bundle (sequence %d), not signing", serial(root.Cert), n.Sequence), Applied: true}, nil
+}
+
+// ActivateRoot makes the prepared root active: a new intermediate under
+// it signs from now on, cross-signed by the old root (which becomes
+// retiring), so that peers that trust only the old root verify new leaves.
+//
+// It refuses until every workload seen within the maximum leaf lifetime
+// reported holding the prepared root, or that lifetime has passed since
+// prepare.
+func (m *Manager) ActivateRoot(ctx context.Context, op OpOptions) (Result, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	set := m.opts.CA.Authorities()
+	prepared, ok := rootIn(set, ca.RootPrepared)
+	if !ok {
+		return Result{}, fmt.Errorf("%w: no root is prepared; run prepare first", ErrNotApplicable)
+	}
+	now := m.clock.Now()
+	var forced bool
+	if refusal := m.activateRefusal(prepared, now); refusal != "" {
+		if !op.Force {
+			return Result{}, &RefusedError{Step: StepActivateRoot, msg: refusal}
+		}
+		forced = true
+		m.log.Warn("root activation forced", "refusal_overridden", refusal)
+	}
+	summary := fmt.Sprintf("root %s becomes active with a new intermediate, cross-signed by the current root, which retires", serial(prepared.Cert))
+	if op.DryRun {
+		return Result{Summary: "would: " + summary, Forced: forced}, nil
+	}
+	issuer, err := ca.NewIntermediate(m.opts.Authority, prepared.Authority)
+	if err != nil {
+		return Result{}, err
+	}
+	n := set.Clone()
+	for i := range n.Roots {
+		switch n.Roots[i].State {
+		case ca.RootActive:
+			n.Roots[i].State, n.Roots[i].Since = ca.RootRetiring, now
+		case ca.RootPrepared:
+			n.Roots[i].State, n.Roots[i].Since = ca.RootActive, now
+		}
+	}
+	n, err = m.withIssuer(n, issuer, now)
+	if err != nil {
+		return Result{}, err
+	}
+	if err := m.commit(ctx, StepActivateRoot, n); err != nil {
+		return Result{}, err
+	}
+	return Result{Summary: summary, Applied: true, Forced: forced}, nil
+}
+
+// activateRefusal says why activating prepared now is not yet safe, or "".
+func (m *Manager) activateRefusal(prepared ca.Root, now time.Time) string {
+	allowedAt := prepared.Since.Add(m.opts.MaxLeafTTL)
+	if !now.Before(allowedAt) {
+		return ""
+	}
+	seen, holding := m.opts.Tracker.Count(prepared.BundleSequence)
+	if holding == seen {
+		return ""
+	}
+	return fmt.Sprintf("%d of %d workloads seen in the last %s hold bundle sequence %d with the new root; activate when all do, or after %s",
+		holding, seen, m.opts.MaxLeafTTL, prepared.BundleSequence, allowedAt.UTC().Format(time.RFC3339))
+}
+
+// RetireRoot removes the retiring roots from the bundle, raising its
+// sequence, and stops serving certificates they signed. It refuses while a
+// leaf under a retiring root can still be valid.
+func (m *Manager) RetireRoot(ctx context.Context, op OpOptions) (Result, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	set := m.opts.CA.Authorities()
+	now := m.clock.Now()
+	retiring := rootsIn(set, ca.RootRetiring)
+	if len(retiring) == 0 {
+		return Result{}, fmt.Errorf("%w: no root is retiring; activate a prepared root first", ErrNotApplicable)
+	}
+	var forced bool
+	if until := m.leavesUntil(set, retiring); now.Before(until) {
+		refusal := fmt.Sprintf("leaves under the retiring root can be valid until %s", until.UTC().Format(time.RFC3339))
+		if !op.Force {
+			return Result{}, &RefusedError{Step: StepRetireRoot, msg: refusal}
+		}
+		forced = true
+		m.log.Warn("root retirement forced", "refusal_overridden", refusal)
+	}
+	summary := fmt.Sprintf("%d retiring root(s) leave the trust bundle (sequence %d)", len(retiring), set.Sequence+1)
+	if op.DryRun {
+		return Result{Summary: "would: " + summary, Forced: forced}, nil
+	}
+	n := set.Clone()
+	n.Sequence++
+	n.Roots = slices.DeleteFunc(n.Roots, func(r ca.Root) bool { return r.State == ca.RootRetiring })
+	n.Chain = slices.DeleteFunc(n.Chain, func(c *x509.Certificate) bool { return signedByAny(c, retiring) })
+	n.RetiringIssuers = slices.DeleteFunc(n.RetiringIssuers, func(r ca.RetiringIssuer) bool { return signedByAny(r.Cert, retiring) })
+	if err := m.commit(ctx, StepRetireRoot, n); err != nil {
+		return Result{}, err
+	}
+	return Result{Summary: summary, Applied: true, Forced: forced}, nil
+}
+
+// RetireAllowedAt returns when RetireRoot stops refusing, and false when
+// no root is retiring.
+func (m *Manager) RetireAllowedAt() (time.Time, bool) {
+	set := m.opts.CA.Authorities()
+	retiring := rootsIn(set, ca.RootRetiring)
+	if len(retiring) == 0 {
+		return time.Time{}, false
+	}
+	return m.leavesUntil(set, retiring), true
+}
+
+func rootsIn(set *ca.AuthoritySet, state ca.RootState) []ca.Root {
+	var out []ca.Root
+	for _, r := range set.Roots {
+		if r.State == state {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// leavesUntil returns when the last leaf that only the retiring roots
+// verify expires: leaves of retired issuers they signed.
+func (m *Manager) leavesUntil(set *ca.AuthoritySet, retiring []ca.Root) time.Time {
+	var until time.Time
+	for _, r := range set.RetiringIssuers {
+		if signedByAny(r.Cert, retiring) && r.LeavesUntil.After(until) {
+			until = r.LeavesUntil
+		}
+	}
+	// A retiring root's own leaves were issued until it stopped being
+	// active, at most a leaf lifetime before now.
+	for _, r := range retiring {
+		if u := r.Since.Add(m.opts.MaxLeafTTL); u.After(until) {
+			until = u
+		}
+	}
+	return until
+}
+
+func signedByAny(c *x509.Certificate, roots []ca.Root) bool {
+	for _, r := range roots {
+		if c.CheckSignatureFrom(r.Cert) == nil {
+			return true
+		}
+	}
+	return false
+}
+
+func rootIn(set *ca.AuthoritySet, state ca.RootState) (ca.Root, bool) {
+	for _, r := range set.Roots {
+		if r.State == state {
+			return r, true
+		}
+	}
+	return ca.Root{}, false
+}
+
+func serial(c *x509.Certificate) string { return c.SerialNumber.Text(16) }
+
+func minTime(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
+}
