@@ -1,0 +1,284 @@
+package rotation
+
+import (
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
+)
+
+// Dialer connects to meshca-server. Run calls it for every Sign request and
+// every bundle watch, and closes the connection when done with it: a TLS
+// client certificate is fixed for the life of a connection, so each
+// renewal needs a new handshake to present the SVID current at that moment
+// (a connection opened before the first SVID could never renew over
+// mTLS). A new connection per attempt also lets a retry reach another
+// replica behind a load balancer.
+type Dialer func(ctx context.Context) (*grpc.ClientConn, error)
+
+// Run gets the first X509-SVID, retrying until it succeeds, then renews it
+// at its renew point for as long as ctx lasts, retrying failures with
+// backoff and serving the current SVID until it expires. Alongside, it
+// watches the server's bundle and swaps in each newer one. Every response
+// is checked before it is swapped in: the chain parses, is for Options.ID
+// and the key the source made, and verifies against the bundle.
+//
+// Run returns only when ctx is done, with ctx's error. A Source runs once
+// at a time.
+func (s *Source) Run(ctx context.Context, dial Dialer) error {
+	if dial == nil {
+		return errors.New("rotation: Run needs a Dialer")
+	}
+	if !s.running.CompareAndSwap(false, true) {
+		return errors.New("rotation: Run is already running on this source")
+	}
+	defer s.running.Store(false)
+
+	watchCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	wg.Go(func() { s.watchBundles(watchCtx, dial) })
+	s.renewLoop(ctx, dial)
+	cancel()
+	wg.Wait()
+	return fmt.Errorf("rotation: stopped: %w", ctx.Err())
+}
+
+// renewLoop renews at each renew point until ctx is done.
+func (s *Source) renewLoop(ctx context.Context, dial Dialer) {
+	wait := s.untilRenewal() // zero unless there is an initial SVID
+	failures := 0
+	for {
+		if !s.sleep(ctx, wait, s.renewal) {
+			return
+		}
+		// This attempt answers any request to renew made so far.
+		select {
+		case <-s.renewal:
+		default:
+		}
+		err := s.renew(ctx, dial)
+		if ctx.Err() != nil {
+			return
+		}
+		if err == nil {
+			failures = 0
+			wait = s.untilRenewal()
+			continue
+		}
+		failures++
+		wait = s.backoff.delay(failures, s.random())
+		s.logFailure(ctx, err, failures, wait)
+	}
+}
+
+// untilRenewal returns the time left before the current SVID's renew
+// point: zero when there is no SVID or the point is past.
+func (s *Source) untilRenewal() time.Duration {
+	svid, _, renewAt, _, _ := s.current()
+	if svid == nil {
+		return 0
+	}
+	return max(renewAt.Sub(s.clock.Now()), 0)
+}
+
+// sleep waits d on the clock, or less when wake receives. It reports
+// false when ctx is done first.
+func (s *Source) sleep(ctx context.Context, d time.Duration, wake <-chan struct{}) bool {
+	if d <= 0 {
+		return ctx.Err() == nil
+	}
+	t := s.clock.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C():
+	case <-wake:
+	}
+	return true
+}
+
+func (s *Source) logFailure(ctx context.Context, err error, failures int, wait time.Duration) {
+	level := slog.LevelWarn
+	attrs := []slog.Attr{
+		slog.Int("failures", failures),
+		slog.Duration("retry_in", wait),
+	}
+	if st, ok := status.FromError(err); ok {
+		attrs = append(attrs, slog.String("code", st.Code().String()))
+	}
+	if svid, _ := s.GetX509SVID(); svid != nil {
+		attrs = append(attrs, slog.Time("current_expires", svid.Certificates[0].NotAfter))
+	} else {
+		// Nothing valid to serve: the workload's TLS is failing.
+		level = slog.LevelError
+	}
+	attrs = append(attrs, slog.Any("error", err))
+	s.log.LogAttrs(ctx, level, "getting an X509-SVID failed", attrs...)
+}
+
+// renew asks for a new SVID and swaps it in.
+func (s *Source) renew(ctx context.Context, dial Dialer) error {
+	key, err := s.newKey()
+	if err != nil {
+		return fmt.Errorf("rotation: generating a key: %w", err)
+	}
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{URIs: []*url.URL{s.id.URL()}}, key)
+	if err != nil {
+		return fmt.Errorf("rotation: creating the CSR: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.requestTimeout)
+	defer cancel()
+
+	method := "mtls"
+	if s.validCert() == nil {
+		// No valid SVID to present: authenticate with the token, if any.
+		method = "none"
+		if s.token != nil {
+			token, err := s.token(ctx)
+			if err != nil {
+				return fmt.Errorf("rotation: getting the token: %w", err)
+			}
+			if token != "" {
+				method = "token"
+				ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
+			}
+		}
+	}
+	req := &meshcav1.SignRequest{Csr: csr, BundleSequence: s.BundleSequence()}
+	if s.ttl > 0 {
+		req.Ttl = durationpb.New(s.ttl)
+	}
+	conn, err := dial(ctx)
+	if err != nil {
+		return fmt.Errorf("rotation: connecting to the CA: %w", err)
+	}
+	defer conn.Close()
+	resp, err := meshcav1.NewCertificateServiceClient(conn).Sign(ctx, req)
+	if err != nil {
+		return fmt.Errorf("rotation: Sign: %w", err)
+	}
+
+	svid, bundle, seq, err := s.check(resp, key)
+	if err != nil {
+		return err
+	}
+	now := s.clock.Now()
+	leaf := svid.Certificates[0]
+	renewAt := s.renewPoint(leaf, now, true)
+	bundleChanged := bundle != nil && s.setBundle(bundle, seq)
+	s.setSVID(svid, renewAt)
+	s.log.LogAttrs(ctx, slog.LevelInfo, "X509-SVID issued",
+		slog.String("method", method),
+		slog.String("serial", leaf.SerialNumber.Text(16)),
+		slog.Time("not_after", leaf.NotAfter),
+		slog.Time("renew_at", renewAt))
+	if bundleChanged {
+		s.log.LogAttrs(ctx, slog.LevelInfo, "trust bundle updated", slog.String("from", "sign"), slog.Uint64("sequence", seq))
+	}
+	return nil
+}
+
+// check validates a Sign response for key. It returns the SVID, and the
+// response's bundle with its sequence when that is newer than the held
+// one (nil otherwise). The chain must verify against the newer of the two
+// bundles, the one the source will hold: a lagging replica's certificate
+// under a root that has since left the bundle is refused.
+func (s *Source) check(resp *meshcav1.SignResponse, key crypto.Signer) (*x509svid.SVID, *x509bundle.Bundle, uint64, error) {
+	ders := resp.GetCertChain()
+	if len(ders) == 0 {
+		return nil, nil, 0, errors.New("rotation: the CA's response has no certificate chain")
+	}
+	chain, err := parseCertificates(ders)
+	if err != nil {
+		return nil, nil, 0, fmt.Errorf("rotation: the CA's certificate chain: %w", err)
+	}
+	leaf := chain[0]
+	id, err := x509svid.IDFromCert(leaf)
+	if err != nil {
+		return nil, nil, 0, fmt.Errorf("rotation: the CA issued a certificate that is not an X509-SVID: %w", err)
+	}
+	if id != s.id {
+		return nil, nil, 0, fmt.Errorf("rotation: the CA issued a certificate for %q; asked for %q", id, s.id)
+	}
+	if !keyMatches(key, leaf) {
+		return nil, nil, 0, errors.New("rotation: the CA issued a certificate for another public key than the CSR's")
+	}
+
+	_, _, _, bundle, seq := s.current()
+	var newer *x509bundle.Bundle
+	if resp.GetBundle() != nil {
+		b, bseq, err := s.parseBundle(resp.GetBundle())
+		if err != nil {
+			return nil, nil, 0, fmt.Errorf("rotation: the CA's response: %w", err)
+		}
+		if bseq > seq {
+			newer, bundle, seq = b, b, bseq
+		}
+	}
+	if _, _, err := x509svid.Verify(chain, bundle, x509svid.WithTime(s.verifyTime(leaf))); err != nil {
+		return nil, nil, 0, fmt.Errorf("rotation: the CA's certificate chain does not verify against the trust bundle (sequence %d): %w", seq, err)
+	}
+	return &x509svid.SVID{ID: id, Certificates: chain, PrivateKey: key}, newer, seq, nil
+}
+
+// verifyTime returns the time to verify leaf's chain at: now, or leaf's
+// NotBefore when that is later. A certificate not yet valid by this clock
+// (the server's clock is ahead by more than its backdating) is still the
+// best there is, and peers judge it by their own clocks; one expired is
+// refused.
+func (s *Source) verifyTime(leaf *x509.Certificate) time.Time {
+	now := s.clock.Now()
+	if now.Before(leaf.NotBefore) {
+		return leaf.NotBefore
+	}
+	return now
+}
+
+// parseBundle parses a bundle of the source's trust domain.
+func (s *Source) parseBundle(pb *meshcav1.TrustBundle) (*x509bundle.Bundle, uint64, error) {
+	td, err := spiffeid.TrustDomainFromString(pb.GetTrustDomain())
+	if err != nil {
+		return nil, 0, fmt.Errorf("bundle trust domain: %w", err)
+	}
+	if td != s.td {
+		return nil, 0, fmt.Errorf("bundle is for trust domain %q; want %q", td, s.td)
+	}
+	if len(pb.GetX509Authorities()) == 0 {
+		return nil, 0, fmt.Errorf("bundle %d has no X.509 authorities", pb.GetSequence())
+	}
+	roots, err := parseCertificates(pb.GetX509Authorities())
+	if err != nil {
+		return nil, 0, fmt.Errorf("bundle %d: %w", pb.GetSequence(), err)
+	}
+	return x509bundle.FromX509Authorities(td, roots), pb.GetSequence(), nil
+}
+
+func parseCertificates(ders [][]byte) ([]*x509.Certificate, error) {
+	certs := make([]*x509.Certificate, len(ders))
+	for i, der := range ders {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, fmt.Errorf("certificate %d: %w", i, err)
+		}
+		certs[i] = c
+	}
+	return certs, nil
+}

@@ -1,0 +1,411 @@
+package rotation_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"github.com/stretchr/testify/require"
+
+	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
+	"github.com/meshca/meshca/rotation"
+	"github.com/meshca/meshca/testca"
+)
+
+// zeroRand makes every jitter its lowest: renewals at 0.45 of the life,
+// backoff waits of exactly Initial·2^(n-1).
+func zeroRand() float64 { return 0 }
+
+func TestRunRenewsADayInMilliseconds(t *testing.T) {
+	h := newSourceHarness(t, rotation.Options{TTL: time.Hour})
+	h.run(t, h.ca.serveBufconn(t))
+
+	end := h.start.Add(24 * time.Hour)
+	for {
+		tm := h.clock.next(t)
+		calls := h.ca.calls()
+		last := calls[len(calls)-1]
+		require.NotNil(t, last.issued, "Sign %d failed", len(calls))
+		requireSameCert(t, last.issued, h.svid(t).Certificates[0])
+		if tm.deadline.After(end) {
+			break
+		}
+		// Walk to the renew point in steps, checking that what is served
+		// is valid at every one.
+		for h.clock.Now().Before(tm.deadline) {
+			h.clock.SetTime(earlier(h.clock.Now().Add(5*time.Minute), tm.deadline))
+			svid, err := h.src.GetX509SVID()
+			require.NoError(t, err, "at %s", h.clock.Now().Sub(h.start))
+			require.True(t, h.clock.Now().Before(svid.Certificates[0].NotAfter), "served an expired SVID at %s", h.clock.Now().Sub(h.start))
+		}
+	}
+
+	calls := h.ca.calls()
+	renewals := len(calls) - 1
+	require.GreaterOrEqual(t, renewals, 43, "renewals in 24h of 1h certificates")
+	require.LessOrEqual(t, renewals, 54, "renewals in 24h of 1h certificates")
+	require.Equal(t, bootstrapToken, calls[0].token, "the first request authenticates with the token")
+	for i, c := range calls[1:] {
+		prev := calls[i].issued
+		frac := float64(c.at.Sub(prev.NotBefore)) / float64(prev.NotAfter.Sub(prev.NotBefore))
+		require.True(t, frac >= 0.45-1e-9 && frac <= 0.55, "renewal %d at %.4f of the previous certificate's life", i+1, frac)
+		require.Empty(t, c.token, "renewal %d sent the token", i+1)
+	}
+}
+
+func TestRunBacksOffAndServesTheCurrentSVIDUntilItExpires(t *testing.T) {
+	h := newSourceHarness(t, rotation.Options{TTL: time.Hour, Rand: zeroRand})
+	h.run(t, h.ca.serveBufconn(t))
+
+	tm := h.clock.next(t)
+	first := h.svid(t).Certificates[0]
+	require.WithinDuration(t, first.NotBefore.Add(27*time.Minute), tm.deadline, 0, "renew point at 0.45 of 1h")
+
+	// The CA goes down at the renew point, until 3 minutes after the
+	// certificate expired.
+	h.ca.setDown(true)
+	h.clock.fire(tm)
+	var waits []time.Duration
+	for {
+		tm = h.clock.next(t)
+		if !h.clock.Now().Before(first.NotAfter.Add(3 * time.Minute)) {
+			break
+		}
+		waits = append(waits, tm.d)
+		if h.clock.Now().Before(first.NotAfter) {
+			requireSameCert(t, first, h.svid(t).Certificates[0])
+		} else {
+			_, err := h.src.GetX509SVID()
+			require.EqualError(t, err, fmt.Sprintf("rotation: the X509-SVID for %q expired at %s and could not be renewed yet",
+				workloadID, first.NotAfter.UTC().Format(time.RFC3339)))
+		}
+		h.clock.fire(tm)
+	}
+	require.Equal(t, []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second, 16 * time.Second, 32 * time.Second}, waits[:6])
+	for i, w := range waits[6:] {
+		require.Equal(t, time.Minute, w, "wait %d is capped", i+6)
+	}
+
+	// The CA recovers: the next retry gets a new SVID, and the next wait
+	// is its renew point again.
+	h.ca.setDown(false)
+	h.clock.fire(tm)
+	tm = h.clock.next(t)
+	second := h.svid(t).Certificates[0]
+	require.NotEqual(t, first.SerialNumber, second.SerialNumber)
+	require.WithinDuration(t, second.NotBefore.Add(27*time.Minute), tm.deadline, 0)
+
+	// While the SVID was valid the retries authenticated with it; after
+	// it expired, with the token.
+	calls := h.ca.calls()
+	failed := 0
+	for i, c := range calls[1:] {
+		if c.issued == nil {
+			failed++
+		}
+		if c.at.Before(first.NotAfter) {
+			require.Empty(t, c.token, "call %d, before expiry", i+1)
+		} else {
+			require.Equal(t, bootstrapToken, c.token, "call %d, after expiry", i+1)
+		}
+	}
+	require.Equal(t, len(waits)+1, failed)
+
+	// Each failure is logged with its gRPC code; never the token.
+	logged := h.logs.find("getting an X509-SVID failed")
+	require.Len(t, logged, failed)
+	for _, r := range logged {
+		require.Equal(t, "Unavailable", r.attrs["code"])
+		require.Equal(t, "rotation: Sign: rpc error: code = Unavailable desc = fake CA is down", r.attrs["error"])
+	}
+	require.Equal(t, slog.LevelWarn, logged[0].level, "a failure with a valid SVID left")
+	require.Equal(t, slog.LevelError, logged[len(logged)-1].level, "a failure with nothing valid to serve")
+	require.False(t, h.logs.contains(bootstrapToken), "the token was logged")
+}
+
+func TestRunSendsTheTokenOnlyWithoutAValidSVID(t *testing.T) {
+	var tokenCalls atomic.Int32
+	h := newSourceHarness(t, rotation.Options{
+		Rand: zeroRand,
+		Token: func(context.Context) (string, error) {
+			if tokenCalls.Add(1) <= 2 {
+				return "", errors.New("token file not mounted yet")
+			}
+			return bootstrapToken, nil
+		},
+	})
+	h.run(t, h.ca.serveBufconn(t))
+
+	// No token yet: retried with backoff, and the CA is not called.
+	for _, want := range []time.Duration{time.Second, 2 * time.Second} {
+		tm := h.clock.next(t)
+		require.Equal(t, want, tm.d)
+		require.Empty(t, h.ca.calls())
+		h.clock.fire(tm)
+	}
+	logged := h.logs.find("getting an X509-SVID failed")
+	require.Len(t, logged, 2)
+	require.Equal(t, "rotation: getting the token: token file not mounted yet", logged[0].attrs["error"])
+	require.NotContains(t, logged[0].attrs, "code", "not a gRPC error")
+
+	// The token gets the first SVID; renewals present the SVID instead.
+	for range 3 {
+		h.clock.fire(h.clock.next(t))
+	}
+	h.clock.next(t)
+	calls := h.ca.calls()
+	require.Len(t, calls, 4)
+	require.Equal(t, bootstrapToken, calls[0].token)
+	for i, c := range calls[1:] {
+		require.Empty(t, c.token, "renewal %d", i+1)
+	}
+	require.Equal(t, int32(3), tokenCalls.Load())
+}
+
+func TestRunReportsTheBundleItHolds(t *testing.T) {
+	h := newSourceHarness(t, rotation.Options{Rand: zeroRand})
+	h.run(t, h.ca.serveBufconn(t))
+	tm := h.clock.next(t)
+	h.waitFor(t, "bundle 1", func() bool { return h.src.BundleSequence() == 1 })
+
+	// A new root arrives on the watch, and the next Sign reports it.
+	root2 := testca.New(t, sourceTD, testca.WithLifetime(h.start.Add(-time.Hour), h.start.Add(72*time.Hour)))
+	h.ca.setBundle(bundleMsg(2, h.ca.root, root2))
+	h.waitFor(t, "bundle 2", func() bool { return h.src.BundleSequence() == 2 })
+	bundle, err := h.src.GetX509BundleForTrustDomain(sourceTD)
+	require.NoError(t, err)
+	require.True(t, bundle.HasX509Authority(root2.Cert))
+	require.True(t, bundle.HasX509Authority(h.ca.root.Cert))
+	h.clock.fire(tm)
+	tm = h.clock.next(t)
+	require.Equal(t, uint64(2), h.ca.calls()[1].bundleSeq)
+
+	// Older and equal sequences from the watch are ignored: only the
+	// newer one after them is taken.
+	h.ca.push(bundleMsg(2, root2))
+	h.ca.push(bundleMsg(1, root2))
+	h.ca.setBundle(bundleMsg(3, h.ca.root, root2))
+	h.waitFor(t, "bundle 3", func() bool { return h.src.BundleSequence() == 3 })
+	// (Stale bundles would have been logged before bundle 3 was taken.)
+	for seq, n := range map[string]int{"1": 1, "2": 1} {
+		updates := 0
+		for _, r := range h.logs.find("trust bundle updated") {
+			if r.attrs["sequence"] == seq {
+				updates++
+			}
+		}
+		require.Equal(t, n, updates, "updates to sequence %s", seq)
+	}
+
+	// A newer bundle in a Sign response is taken too, even when the watch
+	// lags behind.
+	h.ca.setSignBundle(bundleMsg(4, h.ca.root))
+	h.clock.fire(tm)
+	tm = h.clock.next(t)
+	require.Equal(t, uint64(4), h.src.BundleSequence())
+	bundle, err = h.src.GetX509BundleForTrustDomain(sourceTD)
+	require.NoError(t, err)
+	require.False(t, bundle.HasX509Authority(root2.Cert))
+	h.clock.fire(tm)
+	h.clock.next(t)
+	calls := h.ca.calls()
+	require.Equal(t, []uint64{3, 4}, []uint64{calls[2].bundleSeq, calls[3].bundleSeq})
+}
+
+func TestRunRefusesBadResponses(t *testing.T) {
+	otherRoot := testca.New(t, sourceTD)
+	tests := []struct {
+		name   string
+		tamper func(*leafRequest)
+		want   string
+	}{
+		{
+			name: "wrong SPIFFE ID",
+			tamper: func(r *leafRequest) {
+				r.uri = spiffeid.RequireFromPath(sourceTD, "/ns/shop/sa/admin").URL()
+			},
+			want: `rotation: the CA issued a certificate for "spiffe://example.org/ns/shop/sa/admin"; asked for "spiffe://example.org/ns/shop/sa/web"`,
+		},
+		{
+			name:   "another key",
+			tamper: func(r *leafRequest) { r.publicKey = testca.NewKey(t).Public() },
+			want:   "rotation: the CA issued a certificate for another public key than the CSR's",
+		},
+		{
+			name:   "chain under a root not in the bundle",
+			tamper: func(r *leafRequest) { r.issuer = otherRoot.ChildCA() },
+			want:   "rotation: the CA's certificate chain does not verify against the trust bundle (sequence 1): x509svid: could not verify leaf certificate: x509: certificate signed by unknown authority",
+		},
+		{
+			name: "newer bundle without the chain's root",
+			tamper: func(r *leafRequest) {
+				r.bundle = bundleMsg(2, otherRoot)
+			},
+			want: "rotation: the CA's certificate chain does not verify against the trust bundle (sequence 2): x509svid: could not verify leaf certificate: x509: certificate signed by unknown authority",
+		},
+		{
+			name: "bundle of another trust domain",
+			tamper: func(r *leafRequest) {
+				r.bundle = &meshcav1.TrustBundle{TrustDomain: "evil.example", Sequence: 9, X509Authorities: [][]byte{otherRoot.Cert.Raw}}
+			},
+			want: `rotation: the CA's response: bundle is for trust domain "evil.example"; want "example.org"`,
+		},
+		{
+			name: "malformed bundle",
+			tamper: func(r *leafRequest) {
+				r.bundle = &meshcav1.TrustBundle{TrustDomain: sourceTD.Name(), Sequence: 9, X509Authorities: [][]byte{[]byte("not DER")}}
+			},
+			want: "rotation: the CA's response: bundle 9: certificate 0: x509: malformed certificate",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newSourceHarness(t, rotation.Options{Rand: zeroRand})
+			h.run(t, h.ca.serveBufconn(t))
+			tm := h.clock.next(t)
+			first := h.svid(t).Certificates[0]
+
+			h.ca.setTamper(tt.tamper)
+			h.clock.fire(tm)
+			tm = h.clock.next(t)
+			require.Equal(t, time.Second, tm.d, "a bad response is retried")
+			requireSameCert(t, first, h.svid(t).Certificates[0])
+			require.Equal(t, uint64(1), h.src.BundleSequence(), "a bad response's bundle is not taken")
+			logged := h.logs.find("getting an X509-SVID failed")
+			require.Len(t, logged, 1)
+			// The full text, up to crypto/x509's explanations.
+			require.True(t, strings.HasPrefix(logged[0].attrs["error"], tt.want), "error %q, want %q", logged[0].attrs["error"], tt.want)
+
+			h.ca.setTamper(nil)
+			h.clock.fire(tm)
+			h.clock.next(t)
+			calls := h.ca.calls()
+			requireSameCert(t, calls[len(calls)-1].issued, h.svid(t).Certificates[0])
+		})
+	}
+}
+
+func TestRunReconnectsTheBundleWatch(t *testing.T) {
+	h := newSourceHarness(t, rotation.Options{Rand: zeroRand})
+	h.run(t, h.ca.serveBufconn(t))
+	h.clock.next(t) // the renewal, half an hour away
+	require.Eventually(t, func() bool { return h.ca.openWatches() == 1 }, realTimeout, time.Millisecond)
+
+	// The watch breaks, the next two attempts are refused, and the bundle
+	// changes meanwhile.
+	root2 := testca.New(t, sourceTD, testca.WithLifetime(h.start.Add(-time.Hour), h.start.Add(72*time.Hour)))
+	h.ca.breakWatches(2)
+	h.ca.setSignBundle(bundleMsg(2, h.ca.root, root2))
+	for _, want := range []time.Duration{time.Second, 2 * time.Second, 4 * time.Second} {
+		tm := h.clock.next(t)
+		require.Equal(t, want, tm.d)
+		h.clock.fire(tm)
+	}
+	h.waitFor(t, "bundle 2", func() bool { return h.src.BundleSequence() == 2 })
+	require.Equal(t, 4, h.ca.watchCount())
+	logged := h.logs.find("the bundle watch broke; reconnecting")
+	require.Len(t, logged, 3)
+	require.Equal(t, "rotation: WatchBundle: rpc error: code = Unavailable desc = fake CA broke the watch", logged[0].attrs["error"])
+	require.Equal(t, "rotation: WatchBundle: rpc error: code = Unavailable desc = fake CA refuses watches", logged[1].attrs["error"])
+	for _, r := range logged {
+		require.Equal(t, "Unavailable", r.attrs["code"])
+	}
+
+	// The new watch delivers later bundles too.
+	h.ca.setBundle(bundleMsg(3, h.ca.root, root2))
+	h.waitFor(t, "bundle 3", func() bool { return h.src.BundleSequence() == 3 })
+
+	// A watch that breaks at once keeps backing off; one that lived at
+	// least Backoff.Max starts the backoff over.
+	h.ca.breakWatches(0)
+	tm := h.clock.next(t)
+	require.Equal(t, 8*time.Second, tm.d)
+	h.clock.fire(tm)
+	require.Eventually(t, func() bool { return h.ca.watching(5) }, realTimeout, time.Millisecond)
+	h.clock.Step(time.Minute)
+	h.ca.breakWatches(0)
+	require.Equal(t, time.Second, h.clock.next(t).d)
+}
+
+func TestRunRenewsAtOnceWhenTheRootLeavesTheBundle(t *testing.T) {
+	h := newSourceHarness(t, rotation.Options{Rand: zeroRand})
+	h.run(t, h.ca.serveBufconn(t))
+	h.clock.next(t)
+	first := h.svid(t).Certificates[0]
+
+	// The root is retired early: the bundle holds only a new root, and the
+	// CA signs under it.
+	life := testca.WithLifetime(h.start.Add(-time.Hour), h.start.Add(72*time.Hour))
+	root2 := testca.New(t, sourceTD, life)
+	h.ca.setIssuer(root2.ChildCA(life))
+	h.ca.setBundle(bundleMsg(2, root2))
+
+	h.clock.next(t) // the renewal's next renew point
+	calls := h.ca.calls()
+	require.Len(t, calls, 2)
+	require.Equal(t, h.start, calls[1].at, "renewed without waiting for the renew point")
+	require.Equal(t, uint64(2), calls[1].bundleSeq)
+	svid := h.svid(t)
+	require.NotEqual(t, first.SerialNumber, svid.Certificates[0].SerialNumber)
+	_, _, err := x509svid.Verify(svid.Certificates, h.src, x509svid.WithTime(h.clock.Now()))
+	require.NoError(t, err)
+}
+
+func TestRunWithAnInitialSVID(t *testing.T) {
+	t.Run("valid: served and renewed over mTLS", func(t *testing.T) {
+		h := newSourceFixture(t)
+		initial := h.ca.issuer.CreateX509SVID(workloadID, testca.WithLifetime(h.start.Add(-10*time.Minute), h.start.Add(50*time.Minute)))
+		h.newSource(t, rotation.Options{Rand: zeroRand, InitialSVID: initial})
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		require.NoError(t, h.src.WaitUntilReady(ctx), "ready before Run")
+		requireSameCert(t, initial.Certificates[0], h.svid(t).Certificates[0])
+
+		h.run(t, h.ca.serveBufconn(t))
+		tm := h.clock.next(t)
+		require.Equal(t, h.start.Add(17*time.Minute), tm.deadline, "0.45 of the initial SVID's hour")
+		require.Empty(t, h.ca.calls())
+		h.clock.fire(tm)
+		h.clock.next(t)
+		calls := h.ca.calls()
+		require.Len(t, calls, 1)
+		require.Empty(t, calls[0].token)
+	})
+	t.Run("past its renew point: renewed at once", func(t *testing.T) {
+		h := newSourceFixture(t)
+		initial := h.ca.issuer.CreateX509SVID(workloadID, testca.WithLifetime(h.start.Add(-50*time.Minute), h.start.Add(10*time.Minute)))
+		h.newSource(t, rotation.Options{InitialSVID: initial})
+		h.run(t, h.ca.serveBufconn(t))
+		h.clock.next(t)
+		calls := h.ca.calls()
+		require.Len(t, calls, 1)
+		require.Equal(t, h.start, calls[0].at)
+		require.Empty(t, calls[0].token)
+	})
+	t.Run("expired: ignored", func(t *testing.T) {
+		h := newSourceFixture(t)
+		initial := h.ca.issuer.CreateX509SVID(workloadID, testca.WithLifetime(h.start.Add(-2*time.Hour), h.start.Add(-time.Hour)))
+		h.newSource(t, rotation.Options{InitialSVID: initial})
+		_, err := h.src.GetX509SVID()
+		require.EqualError(t, err, `rotation: no X509-SVID for "spiffe://example.org/ns/shop/sa/web" yet`)
+		h.run(t, h.ca.serveBufconn(t))
+		h.clock.next(t)
+		calls := h.ca.calls()
+		require.Len(t, calls, 1)
+		require.Equal(t, bootstrapToken, calls[0].token)
+	})
+}
+
+func earlier(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
+}

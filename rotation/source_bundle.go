@@ -1,0 +1,97 @@
+package rotation
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc/status"
+
+	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
+)
+
+// watchBundles keeps a WatchBundle stream open until ctx is done,
+// reconnecting with backoff when it breaks. The backoff starts over after
+// a stream that lived at least Backoff.Max.
+func (s *Source) watchBundles(ctx context.Context, dial Dialer) {
+	failures := 0
+	for {
+		started := s.clock.Now()
+		received, err := s.watchOnce(ctx, dial)
+		if ctx.Err() != nil {
+			return
+		}
+		if received && s.clock.Since(started) >= s.backoff.Max {
+			// The stream worked for a while before it broke: start the
+			// backoff over. One that breaks at once, again and again,
+			// keeps backing off.
+			failures = 0
+		}
+		failures++
+		wait := s.backoff.delay(failures, s.random())
+		attrs := []slog.Attr{slog.Int("failures", failures), slog.Duration("retry_in", wait)}
+		if st, ok := status.FromError(err); ok {
+			attrs = append(attrs, slog.String("code", st.Code().String()))
+		}
+		s.log.LogAttrs(ctx, slog.LevelWarn, "the bundle watch broke; reconnecting", append(attrs, slog.Any("error", err))...)
+		if !s.sleep(ctx, wait, nil) {
+			return
+		}
+	}
+}
+
+// watchOnce reads one WatchBundle stream until it breaks, and reports
+// whether it received anything.
+func (s *Source) watchOnce(ctx context.Context, dial Dialer) (bool, error) {
+	conn, err := dial(ctx)
+	if err != nil {
+		return false, fmt.Errorf("rotation: connecting to the CA: %w", err)
+	}
+	defer conn.Close()
+	stream, err := meshcav1.NewBundleServiceClient(conn).WatchBundle(ctx, &meshcav1.WatchBundleRequest{})
+	if err != nil {
+		return false, fmt.Errorf("rotation: WatchBundle: %w", err)
+	}
+	received := false
+	for {
+		pb, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			return received, errors.New("rotation: WatchBundle: the server ended the stream")
+		}
+		if err != nil {
+			return received, fmt.Errorf("rotation: WatchBundle: %w", err)
+		}
+		received = true
+		s.receiveBundle(ctx, pb)
+	}
+}
+
+// receiveBundle swaps in a bundle from the watch when it is newer than the
+// held one. When the current SVID no longer verifies against it (its root
+// left the bundle), the SVID is renewed at once.
+func (s *Source) receiveBundle(ctx context.Context, pb *meshcav1.TrustBundle) {
+	bundle, seq, err := s.parseBundle(pb)
+	if err != nil {
+		s.log.LogAttrs(ctx, slog.LevelWarn, "ignoring a bad bundle from the watch", slog.Any("error", fmt.Errorf("rotation: %w", err)))
+		return
+	}
+	if !s.setBundle(bundle, seq) {
+		return
+	}
+	s.log.LogAttrs(ctx, slog.LevelInfo, "trust bundle updated", slog.String("from", "watch"), slog.Uint64("sequence", seq))
+	svid, err := s.GetX509SVID()
+	if err != nil {
+		return
+	}
+	if _, _, err := x509svid.Verify(svid.Certificates, bundle, x509svid.WithTime(s.verifyTime(svid.Certificates[0]))); err != nil {
+		s.log.LogAttrs(ctx, slog.LevelWarn, "the X509-SVID does not verify against the new bundle; renewing now",
+			slog.Uint64("sequence", seq), slog.Any("error", err))
+		select {
+		case s.renewal <- struct{}{}:
+		default:
+		}
+	}
+}
