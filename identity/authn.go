@@ -24,8 +24,9 @@ type Method string
 
 // The authentication methods.
 const (
-	MethodBootstrapToken Method = "bootstrap_token"
-	MethodMTLS           Method = "mtls"
+	MethodBootstrapToken  Method = "bootstrap_token"
+	MethodKubernetesToken Method = "kubernetes_token"
+	MethodMTLS            Method = "mtls"
 )
 
 // Caller is an authenticated caller.

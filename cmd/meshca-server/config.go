@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -57,6 +58,15 @@ type Config struct {
 	// <dataDir>/admin.sock; "off" disables it.
 	AdminSocket string `json:"adminSocket"`
 
+	// HealthAddress serves gRPC health in plain text, for kubelet probes
+	// (which cannot speak TLS). Default off.
+	HealthAddress string `json:"healthAddress"`
+
+	// Kubernetes runs the server in a cluster: service-account tokens
+	// reviewed with the API server, state in a Secret shared by replicas,
+	// one leader that rotates and publishes bundles. Off by default.
+	Kubernetes KubernetesConfig `json:"kubernetes"`
+
 	// Profiling serves Go's /debug/pprof on the metrics address, for
 	// finding where CPU time goes under load. Default off.
 	Profiling bool `json:"profiling"`
@@ -89,6 +99,40 @@ type AuthorityConfig struct {
 
 	// Files of mode "files".
 	Files FilesConfig `json:"files"`
+}
+
+// KubernetesConfig configures the server in a Kubernetes cluster.
+type KubernetesConfig struct {
+	// Enabled turns Kubernetes mode on.
+	Enabled bool `json:"enabled"`
+
+	// Kubeconfig is a kubeconfig file; empty means the in-cluster config.
+	Kubeconfig string `json:"kubeconfig"`
+
+	// Namespace the server runs in, holding its Secret and Lease. Default
+	// $POD_NAMESPACE.
+	Namespace string `json:"namespace"`
+
+	// PodName identifies this replica in leader election. Default
+	// $POD_NAME, else the host name.
+	PodName string `json:"podName"`
+
+	// TokenAudiences a service-account token must be valid for. Default
+	// ["meshca"].
+	TokenAudiences []string `json:"tokenAudiences"`
+
+	// StateSecret holds the authority set (mode selfsigned). Default
+	// "meshca-state".
+	StateSecret string `json:"stateSecret"`
+
+	// LeaseName is the coordination Lease of leader election. Default
+	// "meshca-leader".
+	LeaseName string `json:"leaseName"`
+
+	// BundleConfigMap is the name of the ConfigMap holding the trust
+	// bundle in every namespace; "off" disables publishing. Default
+	// "meshca-trust-bundle".
+	BundleConfigMap string `json:"bundleConfigMap"`
 }
 
 // FilesConfig names a plugged-in CA's files.
@@ -194,6 +238,19 @@ func (c Config) complete() (*completeConfig, error) {
 	if c.LogLevel == "" {
 		c.LogLevel = "info"
 	}
+	if k := &c.Kubernetes; k.Enabled {
+		k.Namespace = cmp.Or(k.Namespace, os.Getenv("POD_NAMESPACE"))
+		if k.PodName == "" {
+			host, _ := os.Hostname()
+			k.PodName = cmp.Or(os.Getenv("POD_NAME"), host)
+		}
+		if len(k.TokenAudiences) == 0 {
+			k.TokenAudiences = []string{"meshca"}
+		}
+		k.StateSecret = cmp.Or(k.StateSecret, "meshca-state")
+		k.LeaseName = cmp.Or(k.LeaseName, "meshca-leader")
+		k.BundleConfigMap = cmp.Or(k.BundleConfigMap, "meshca-trust-bundle")
+	}
 	cc := &completeConfig{Config: c}
 	var errs []error
 	td, err := spiffeid.TrustDomainFromString(c.TrustDomain)
@@ -236,6 +293,14 @@ func (c Config) complete() (*completeConfig, error) {
 	}
 	if maxTTL := cc.ttl.Longest(); cc.ttl.Default > maxTTL {
 		errs = append(errs, fmt.Errorf("leaf.defaultTTL %s is longer than the maximum %s", cc.ttl.Default, maxTTL))
+	}
+	if c.Kubernetes.Enabled {
+		if c.Kubernetes.Namespace == "" {
+			errs = append(errs, errors.New("kubernetes.namespace: set it, or POD_NAMESPACE (the downward API)"))
+		}
+		if c.Kubernetes.PodName == "" {
+			errs = append(errs, errors.New("kubernetes.podName: set it, or POD_NAME (the downward API)"))
+		}
 	}
 	if c.Profiling && c.MetricsAddress == "off" {
 		errs = append(errs, errors.New("profiling is served on the metrics address, which is off"))

@@ -96,6 +96,7 @@ meshca.local, data in ./.meshca, gRPC on 127.0.0.1:8443, metrics on
 	f.StringVar(&flags.TrustDomain, "trust-domain", "", "trust domain to issue for (default meshca.local)")
 	f.StringVar(&flags.ListenAddress, "listen", "", "gRPC listen address (default 127.0.0.1:8443)")
 	f.StringVar(&flags.MetricsAddress, "metrics-listen", "", `metrics listen address, or "off" (default 127.0.0.1:9402)`)
+	f.StringVar(&flags.HealthAddress, "health-listen", "", "plain-text gRPC health listen address for kubelet probes (default off)")
 	f.StringVar(&flags.DataDir, "data-dir", "", "directory of the CA's state and keys (default .meshca)")
 	f.StringVar(&flags.BootstrapTokens, "bootstrap-tokens", "", "static bootstrap token file (YAML)")
 	f.StringVar(&flags.LogLevel, "log-level", "", "debug, info, warn or error (default info)")
@@ -114,6 +115,7 @@ func override(cmd *cobra.Command, cfg *Config, flags Config) {
 	set("trust-domain", &cfg.TrustDomain, flags.TrustDomain)
 	set("listen", &cfg.ListenAddress, flags.ListenAddress)
 	set("metrics-listen", &cfg.MetricsAddress, flags.MetricsAddress)
+	set("health-listen", &cfg.HealthAddress, flags.HealthAddress)
 	set("data-dir", &cfg.DataDir, flags.DataDir)
 	set("bootstrap-tokens", &cfg.BootstrapTokens, flags.BootstrapTokens)
 	set("log-level", &cfg.LogLevel, flags.LogLevel)
@@ -230,6 +232,18 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 	errc := make(chan error, 2)
 	go func() { errc <- g.Serve(lis) }()
 
+	var health *grpc.Server
+	var healthLis net.Listener
+	if cfg.HealthAddress != "" {
+		healthLis, err = net.Listen("tcp", cfg.HealthAddress)
+		if err != nil {
+			lis.Close()
+			return fmt.Errorf("listening for health: %w", err)
+		}
+		health = srv.HealthServer()
+		go func() { errc <- health.Serve(healthLis) }()
+	}
+
 	var admin *grpc.Server
 	if cfg.AdminSocket != "off" {
 		adminLis, err := listenUnix(cfg.AdminSocket)
@@ -244,6 +258,7 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 	log.Info("meshca-server ready",
 		"address", lis.Addr().String(),
 		"metrics_address", addrOf(metricsLis),
+		"health_address", addrOf(healthLis),
 		"trust_domain", cfg.td.Name(),
 		"server_id", cfg.serverID.String(),
 		"root_serial", root.SerialNumber.Text(16),
@@ -262,6 +277,9 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 	log.Info("shutting down", "grace", shutdownGrace.String())
 	if admin != nil {
 		admin.Stop()
+	}
+	if health != nil {
+		defer health.Stop() // answers NOT_SERVING until the end
 	}
 	srv.Shutdown()
 	stopped := make(chan struct{})

@@ -17,6 +17,9 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
 
 // binDir holds meshca-server and meshctl, built once for the package.
@@ -53,6 +56,7 @@ type readyLine struct {
 	Msg            string `json:"msg"`
 	Address        string `json:"address"`
 	MetricsAddress string `json:"metrics_address"`
+	HealthAddress  string `json:"health_address"`
 	RootSerial     string `json:"root_serial"`
 }
 
@@ -129,8 +133,16 @@ func meshctl(t *testing.T, args ...string) (string, string, error) {
 func TestEndToEnd(t *testing.T) {
 	dataDir := filepath.Join(t.TempDir(), "data")
 	out := t.TempDir()
-	srv, ready := startServer(t, "--data-dir", dataDir, "--demo")
+	srv, ready := startServer(t, "--data-dir", dataDir, "--demo", "--health-listen", "127.0.0.1:0")
 	bundle := filepath.Join(dataDir, "bundle.pem")
+
+	// Kubelet-style probe: plain-text gRPC health.
+	healthConn, err := grpc.NewClient(ready.HealthAddress, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(t, err)
+	defer healthConn.Close()
+	hc, err := healthpb.NewHealthClient(healthConn).Check(t.Context(), &healthpb.HealthCheckRequest{})
+	require.NoError(t, err)
+	require.Equal(t, healthpb.HealthCheckResponse_SERVING, hc.Status)
 	token := filepath.Join(dataDir, "demo-token")
 	demo := "spiffe://meshca.local/ns/default/sa/demo"
 

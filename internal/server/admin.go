@@ -35,6 +35,11 @@ type AdminOptions struct {
 
 	// Logger receives audit lines of every step; nil discards.
 	Logger *slog.Logger
+
+	// Leader, when set, tells whether this replica leads, and who does
+	// when it does not: only the leader runs steps, so that two replicas
+	// never rotate at once. Nil means this replica always leads.
+	Leader func() (leading bool, leader string)
 }
 
 // NewAdminServer returns a gRPC server with the admin service, to serve on
@@ -81,10 +86,17 @@ type operation func(*rotation.Manager, context.Context, rotation.OpOptions) (rot
 // run performs one operator step and audits it, whatever its outcome.
 func (a *adminService) run(ctx context.Context, step rotation.Step, req *adminv1.OperationRequest, op operation) (*adminv1.OperationResponse, error) {
 	attrs := []any{slog.String("step", string(step)), slog.Bool("force", req.GetForce()), slog.Bool("dry_run", req.GetDryRun())}
-	if a.opts.Manager == nil {
-		err := status.Error(codes.FailedPrecondition, "the authorities are loaded from files: rotate them by replacing the files")
+	refuse := func(err error) (*adminv1.OperationResponse, error) {
 		a.audit.Info("admin step refused", append(attrs, slog.String("result", "refused"), slog.String("error", status.Convert(err).Message()))...)
 		return nil, err
+	}
+	if a.opts.Manager == nil {
+		return refuse(status.Error(codes.FailedPrecondition, "the authorities are loaded from files: rotate them by replacing the files"))
+	}
+	if a.opts.Leader != nil {
+		if leading, leader := a.opts.Leader(); !leading {
+			return refuse(status.Errorf(codes.FailedPrecondition, "this replica is not the leader; run the step on the leader, %q", leader))
+		}
 	}
 	res, err := op(a.opts.Manager, ctx, rotation.OpOptions{Force: req.GetForce(), DryRun: req.GetDryRun()})
 	if err != nil {

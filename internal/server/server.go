@@ -156,6 +156,15 @@ func (s *Server) GRPCServer(tlsConfig *tls.Config, opts ...grpc.ServerOption) *g
 	return g
 }
 
+// HealthServer returns a plain-text gRPC server with only the health
+// service, sharing the TLS server's status: for kubelet gRPC probes, which
+// cannot speak TLS. It exposes nothing else.
+func (s *Server) HealthServer() *grpc.Server {
+	g := grpc.NewServer(grpc.MaxRecvMsgSize(1 << 10))
+	healthpb.RegisterHealthServer(g, s.health)
+	return g
+}
+
 // Shutdown readies the server to stop: health reports NOT_SERVING, so
 // balancers move callers away, and bundle watch streams end with
 // Unavailable, so that a graceful stop does not wait for callers that
