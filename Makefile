@@ -63,6 +63,17 @@ generate-check: tools
 	if [ -n "$$stale" ]; then echo "generated files without a .proto: $$stale"; exit 1; fi; \
 	echo "generated code is fresh"
 
+## fuzz: run every native fuzz test for FUZZTIME each (default 30s).
+FUZZTIME ?= 30s
+.PHONY: fuzz
+fuzz:
+	@for pkg in $$($(GO) list ./...); do \
+	  for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+	    echo "== $$pkg $$f"; \
+	    $(GO) test $$pkg -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) || exit 1; \
+	  done; \
+	done
+
 .PHONY: clean
 clean:
 	rm -rf bin

@@ -235,3 +235,27 @@ func TestLoadOrCreateErrors(t *testing.T) {
 		require.Equal(t, "{", string(data), "a corrupt store was overwritten")
 	})
 }
+
+// FuzzUnmarshalAuthoritySet: a corrupted state file is refused with an
+// error, never a panic, and what decodes encodes again.
+func FuzzUnmarshalAuthoritySet(f *testing.F) {
+	set, err := ca.NewSelfSigned(ca.AuthorityOptions{TrustDomain: td})
+	if err != nil {
+		f.Fatal(err)
+	}
+	good, err := ca.MarshalAuthoritySet(set)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(good)
+	f.Add([]byte(`{"version":1,"trustDomain":"example.org","roots":[{"certificate":"x"}]}`))
+	f.Add([]byte(`{}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		got, err := ca.UnmarshalAuthoritySet(data)
+		if err != nil {
+			return
+		}
+		_, err = ca.MarshalAuthoritySet(got)
+		require.NoError(t, err)
+	})
+}

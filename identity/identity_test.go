@@ -262,3 +262,28 @@ func TestWorkloadID(t *testing.T) {
 	_, err = identity.WorkloadID(td, "a/b", "api")
 	require.Error(t, err)
 }
+
+// FuzzParseBearer: any header either yields a token that is printable
+// ASCII, non-empty and within the limit, or a malformed-token error that
+// does not echo what followed the scheme.
+func FuzzParseBearer(f *testing.F) {
+	for _, seed := range [][2]string{{"Bearer", "abc"}, {"bearer", "x.y.z"}, {"Basic", "Zm9v"}, {"Bearer", ""}, {"Bearer", "   "}, {"Bearer", "a\x00b"}} {
+		f.Add(seed[0], seed[1])
+	}
+	f.Fuzz(func(t *testing.T, scheme, rest string) {
+		// "zq" never occurs in an error message of ours: if the message
+		// holds "zq"+rest, it echoed the credential.
+		header := scheme + " zq" + rest
+		token, err := identity.ParseBearer(header)
+		if err != nil {
+			requireAuthReason(t, err, identity.ReasonMalformedToken)
+			require.NotContains(t, err.Error(), "zq"+rest)
+			return
+		}
+		require.NotEmpty(t, token)
+		require.LessOrEqual(t, len(token), identity.MaxTokenLength)
+		for i := 0; i < len(token); i++ {
+			require.True(t, token[i] > ' ' && token[i] < 0x7f)
+		}
+	})
+}
