@@ -111,7 +111,12 @@ func UnmarshalAuthoritySet(data []byte) (*AuthoritySet, error) {
 		if err != nil {
 			return nil, fmt.Errorf("ca: stored root %d: %w", i, err)
 		}
-		set.Roots = append(set.Roots, Root{Authority: a, State: r.State, Since: r.Since, BundleSequence: r.BundleSequence})
+		root := Root{Authority: a, State: r.State, Since: r.Since, BundleSequence: r.BundleSequence}
+		if root.State == "" && len(st.Roots) == 1 {
+			// Written before roots had states: the one root was active.
+			root.State, root.BundleSequence = RootActive, 1
+		}
+		set.Roots = append(set.Roots, root)
 	}
 	if set.Issuer, err = unmarshalAuthority(st.Issuer); err != nil {
 		return nil, fmt.Errorf("ca: stored issuer: %w", err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -258,4 +259,19 @@ func FuzzUnmarshalAuthoritySet(f *testing.F) {
 		_, err = ca.MarshalAuthoritySet(got)
 		require.NoError(t, err)
 	})
+}
+
+// A state file written before roots had states loads, its one root active.
+func TestUnmarshalAuthoritySetWithoutRootStates(t *testing.T) {
+	set, err := ca.NewSelfSigned(ca.AuthorityOptions{TrustDomain: td})
+	require.NoError(t, err)
+	data, err := ca.MarshalAuthoritySet(set)
+	require.NoError(t, err)
+	legacy := strings.Replace(string(data), `"state": "active"`, `"state": ""`, 1)
+	require.NotEqual(t, string(data), legacy)
+
+	got, err := ca.UnmarshalAuthoritySet([]byte(legacy))
+	require.NoError(t, err)
+	require.Equal(t, ca.RootActive, got.Roots[0].State)
+	require.NoError(t, got.Validate(time.Now()))
 }

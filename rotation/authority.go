@@ -1,6 +1,7 @@
 package rotation
 
 import (
+	"bytes"
 	"context"
 	"crypto/x509"
 	"errors"
@@ -34,7 +35,11 @@ const (
 // overrides it.
 type RefusedError struct {
 	Step Step
-	msg  string
+
+	// Overridable reports whether OpOptions.Force would override it.
+	Overridable bool
+
+	msg string
 }
 
 func (e *RefusedError) Error() string { return fmt.Sprintf("rotation: %s refused: %s", e.Step, e.msg) }
@@ -86,7 +91,8 @@ type Manager struct {
 	log   *slog.Logger
 	clock clock.WithTicker
 
-	mu sync.Mutex // serialises steps
+	mu     sync.Mutex // serialises steps
+	warned string     // issuer serial warnNoSuccessor last warned about
 }
 
 // OpOptions modify an operator's step.
@@ -189,8 +195,12 @@ func (m *Manager) RotateIntermediates(ctx context.Context) error {
 			// Prepare one; when the activation is due already (a check ran
 			// late), it takes over at once.
 			made, ok, err := m.successor(set)
-			if err != nil || !ok {
+			if err != nil {
 				return err
+			}
+			if !ok {
+				m.warnNoSuccessor(set)
+				break
 			}
 			next = &made
 		}
@@ -220,6 +230,19 @@ func (m *Manager) RotateIntermediates(ctx context.Context) error {
 	return nil
 }
 
+// warnNoSuccessor says, once per issuer, that the issuer cannot be
+// followed: the active root ends first, or its key is not held here.
+func (m *Manager) warnNoSuccessor(set *ca.AuthoritySet) {
+	serialNo := serial(set.Issuer.Cert)
+	if m.warned == serialNo {
+		return
+	}
+	m.warned = serialNo
+	root, _ := set.ActiveRoot()
+	m.log.Warn("the intermediate cannot be rotated: the active root's key is not held here, or the root ends before a successor could outlive the issuer; rotate the root",
+		"issuer_serial", serialNo, "issuer_not_after", set.Issuer.Cert.NotAfter, "root_not_after", root.Cert.NotAfter)
+}
+
 // successor makes an intermediate to follow the issuer, under the active
 // root; false when that root's key is not held, or the root would end the
 // successor no later than the issuer (a root rotation is due, not an
@@ -243,10 +266,17 @@ func liveIssuers(issuers []ca.RetiringIssuer, now time.Time) []ca.RetiringIssuer
 	return kept
 }
 
-// withIssuer returns set with issuer signing from now on: the old issuer
-// retires, and the new one is cross-signed by every other trusted root
-// whose key is held, so that peers trusting only those roots verify its
-// leaves.
+// withIssuer returns set with issuer, signed by the active root, signing
+// from now on; the old issuer retires.
+//
+// While a retiring root is still trusted, chains carry a copy of the
+// active root cross-signed by it (leaf, issuer, cross-signed root), so
+// that a peer trusting only the retiring root verifies new leaves. The
+// root is cross-signed rather than the intermediate, as Web PKI roots
+// are: a verifier that takes the first candidate issuer it finds (OpenSSL,
+// BoringSSL) still builds leaf → issuer → root, finding the new root in
+// its trust store when it has it, and the cross-signed copy when it does
+// not.
 func (m *Manager) withIssuer(set *ca.AuthoritySet, issuer ca.Authority, now time.Time) (*ca.AuthoritySet, error) {
 	n := set.Clone()
 	old := set.Issuer.Cert
@@ -254,12 +284,21 @@ func (m *Manager) withIssuer(set *ca.AuthoritySet, issuer ca.Authority, now time
 		Cert:        old,
 		LeavesUntil: minTime(old.NotAfter, now.Add(m.opts.MaxLeafTTL)),
 	})
-	n.Issuer, n.IssuerSince, n.NextIssuer, n.Chain = issuer, now, nil, nil
-	for _, r := range set.Roots {
-		if r.State == ca.RootPrepared || r.Signer == nil || issuer.Cert.CheckSignatureFrom(r.Cert) == nil {
+	n.Issuer, n.IssuerSince, n.NextIssuer = issuer, now, nil
+	active, ok := n.ActiveRoot()
+	if !ok {
+		return nil, errors.New("rotation: the authority set has no active root")
+	}
+	// Keep the cross-signed copies of the active root; make the missing
+	// ones.
+	n.Chain = slices.DeleteFunc(n.Chain, func(c *x509.Certificate) bool {
+		return !bytes.Equal(c.RawSubjectPublicKeyInfo, active.Cert.RawSubjectPublicKeyInfo)
+	})
+	for _, r := range n.Roots {
+		if r.State != ca.RootRetiring || r.Signer == nil || slices.ContainsFunc(n.Chain, func(c *x509.Certificate) bool { return c.CheckSignatureFrom(r.Cert) == nil }) {
 			continue
 		}
-		cross, err := ca.CrossSign(issuer.Cert, r.Authority)
+		cross, err := ca.CrossSign(active.Cert, r.Authority)
 		if err != nil {
 			return nil, err
 		}
@@ -346,8 +385,9 @@ func (m *Manager) PrepareRoot(ctx context.Context, op OpOptions) (Result, error)
 }
 
 // ActivateRoot makes the prepared root active: a new intermediate under
-// it signs from now on, cross-signed by the old root (which becomes
-// retiring), so that peers that trust only the old root verify new leaves.
+// it signs from now on, and chains carry the new root cross-signed by the
+// old one (which becomes retiring), so that peers that trust only the old
+// root verify new leaves.
 //
 // It refuses until every workload seen within the maximum leaf lifetime
 // reported holding the prepared root, or that lifetime has passed since
@@ -364,12 +404,12 @@ func (m *Manager) ActivateRoot(ctx context.Context, op OpOptions) (Result, error
 	var forced bool
 	if refusal := m.activateRefusal(prepared, now); refusal != "" {
 		if !op.Force {
-			return Result{}, &RefusedError{Step: StepActivateRoot, msg: refusal}
+			return Result{}, &RefusedError{Step: StepActivateRoot, Overridable: true, msg: refusal}
 		}
 		forced = true
 		m.log.Warn("root activation forced", "refusal_overridden", refusal)
 	}
-	summary := fmt.Sprintf("root %s becomes active with a new intermediate, cross-signed by the current root, which retires", serial(prepared.Cert))
+	summary := fmt.Sprintf("root %s becomes active with a new intermediate; chains carry it cross-signed by the current root, which retires", serial(prepared.Cert))
 	if op.DryRun {
 		return Result{Summary: "would: " + summary, Forced: forced}, nil
 	}
@@ -402,6 +442,13 @@ func (m *Manager) activateRefusal(prepared ca.Root, now time.Time) string {
 	if !now.Before(allowedAt) {
 		return ""
 	}
+	// Every workload renews within half a leaf lifetime: until the tracker
+	// has watched for that long (after a restart), it has not seen them
+	// all, and "all it has seen" proves nothing.
+	if watched := m.opts.Tracker.Since().Add(m.opts.MaxLeafTTL / 2); now.Before(watched) {
+		return fmt.Sprintf("propagation is tracked since %s and every workload renews within %s; activate after %s",
+			m.opts.Tracker.Since().UTC().Format(time.RFC3339), m.opts.MaxLeafTTL/2, minTime(watched, allowedAt).UTC().Format(time.RFC3339))
+	}
 	seen, holding := m.opts.Tracker.Count(prepared.BundleSequence)
 	if holding == seen {
 		return ""
@@ -426,7 +473,7 @@ func (m *Manager) RetireRoot(ctx context.Context, op OpOptions) (Result, error) 
 	if until := m.leavesUntil(set, retiring); now.Before(until) {
 		refusal := fmt.Sprintf("leaves under the retiring root can be valid until %s", until.UTC().Format(time.RFC3339))
 		if !op.Force {
-			return Result{}, &RefusedError{Step: StepRetireRoot, msg: refusal}
+			return Result{}, &RefusedError{Step: StepRetireRoot, Overridable: true, msg: refusal}
 		}
 		forced = true
 		m.log.Warn("root retirement forced", "refusal_overridden", refusal)

@@ -1,10 +1,15 @@
 package rotation_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
+	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"testing"
 	"time"
 
@@ -191,8 +196,19 @@ func TestRootRotation(t *testing.T) {
 	var refused *rotation.RefusedError
 	require.ErrorAs(t, err, &refused)
 	require.ErrorContains(t, err, "is already prepared; activate it first")
+	require.False(t, refused.Overridable, "force cannot prepare a second root")
 
-	// activate refuses while a workload seen recently holds the old bundle.
+	// activate refuses until the tracker has watched for one renewal
+	// interval (half a leaf lifetime): before that it cannot have seen
+	// every workload.
+	_, err = f.manager.ActivateRoot(ctx, rotation.OpOptions{})
+	require.ErrorAs(t, err, &refused)
+	require.True(t, refused.Overridable)
+	require.EqualError(t, err, "rotation: activate-root refused: propagation is tracked since 2030-01-01T00:00:00Z and every workload renews within 30m0s; activate after 2030-01-01T00:30:00Z")
+	f.clock.Step(leafTTL / 2)
+	f.tracker.Observe(rotatedID, 1)
+
+	// Then it refuses while a workload seen recently holds the old bundle.
 	_, err = f.manager.ActivateRoot(ctx, rotation.OpOptions{})
 	require.ErrorAs(t, err, &refused)
 	require.EqualError(t, err, "rotation: activate-root refused: 0 of 1 workloads seen in the last 1h0m0s hold bundle sequence 2 with the new root; activate when all do, or after 2030-01-01T01:00:00Z")
@@ -214,9 +230,10 @@ func TestRootRotation(t *testing.T) {
 	require.Equal(t, ca.RootRetiring, set.Roots[0].State)
 	require.Equal(t, ca.RootActive, set.Roots[1].State)
 	require.NoError(t, set.Issuer.Cert.CheckSignatureFrom(newRoot.Cert))
-	require.Len(t, set.Chain, 1, "the new issuer, cross-signed by the old root")
+	require.Len(t, set.Chain, 1, "the new root, cross-signed by the old one")
 	require.NoError(t, set.Chain[0].CheckSignatureFrom(oldRoot))
-	require.Equal(t, set.Issuer.Cert.RawSubjectPublicKeyInfo, set.Chain[0].RawSubjectPublicKeyInfo)
+	require.Equal(t, newRoot.Cert.RawSubjectPublicKeyInfo, set.Chain[0].RawSubjectPublicKeyInfo)
+	require.Equal(t, newRoot.Cert.RawSubject, set.Chain[0].RawSubject)
 	f.requireStored(t)
 
 	// A new leaf verifies for a peer that trusts only the old root, only
@@ -229,6 +246,9 @@ func TestRootRotation(t *testing.T) {
 	} {
 		_, _, err := x509svid.Verify(newLeaf.Chain, b, x509svid.WithTime(f.clock.Now()))
 		require.NoError(t, err, name)
+		// OpenSSL builds chains differently (first candidate issuer,
+		// trusted store first): it must agree.
+		requireOpenSSLVerifies(t, f.clock.Now(), b.X509Authorities(), newLeaf.Chain)
 	}
 	_, _, err = x509svid.Verify(oldLeaf.Chain, bundleOf(oldRoot, newRoot.Cert), x509svid.WithTime(f.clock.Now()))
 	require.NoError(t, err)
@@ -236,7 +256,7 @@ func TestRootRotation(t *testing.T) {
 	// retire refuses while the old leaf can be valid.
 	_, err = f.manager.RetireRoot(ctx, rotation.OpOptions{})
 	require.ErrorAs(t, err, &refused)
-	require.ErrorContains(t, err, "leaves under the retiring root can be valid until 2030-01-01T01:00:00Z")
+	require.ErrorContains(t, err, "leaves under the retiring root can be valid until 2030-01-01T01:30:00Z")
 
 	f.clock.Step(leafTTL)
 	_, bundleSeq, bundleChanged := f.ca.WatchBundle()
@@ -367,4 +387,27 @@ func closed(ch <-chan struct{}) bool {
 	default:
 		return false
 	}
+}
+
+// requireOpenSSLVerifies checks chain (leaf first) with openssl verify at
+// time at, trusting roots.
+func requireOpenSSLVerifies(t *testing.T, at time.Time, roots, chain []*x509.Certificate) {
+	t.Helper()
+	openssl, err := exec.LookPath("openssl")
+	require.NoError(t, err, "openssl is needed as an independent verifier; scripts/tools.sh installs it")
+	dir := t.TempDir()
+	write := func(name string, certs []*x509.Certificate) string {
+		var buf bytes.Buffer
+		for _, c := range certs {
+			require.NoError(t, pem.Encode(&buf, &pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}))
+		}
+		path := filepath.Join(dir, name)
+		require.NoError(t, os.WriteFile(path, buf.Bytes(), 0o600))
+		return path
+	}
+	out, err := exec.Command(openssl, "verify", "-attime", strconv.FormatInt(at.Unix(), 10),
+		"-CAfile", write("roots.pem", roots), "-untrusted", write("chain.pem", chain[1:]),
+		write("leaf.pem", chain[:1])).CombinedOutput()
+	require.NoError(t, err, string(out))
+	require.Contains(t, string(out), ": OK")
 }

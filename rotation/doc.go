@@ -82,8 +82,8 @@
 //
 //	PrepareRoot   a new root joins the bundle (its sequence goes up); it
 //	              signs nothing yet.
-//	ActivateRoot  a new intermediate under it signs, cross-signed by the
-//	              old root, which is now retiring. Refused until every
+//	ActivateRoot  a new intermediate under it signs; chains carry the new
+//	              root cross-signed by the old one, which is now retiring. Refused until every
 //	              workload seen by the Tracker within the maximum leaf
 //	              lifetime reported holding the new root, or that lifetime
 //	              has passed since prepare.

@@ -18,6 +18,7 @@ type Tracker struct {
 	clock  clock.PassiveClock
 	window time.Duration
 	max    int
+	since  time.Time
 
 	mu   sync.Mutex
 	seen map[spiffeid.ID]sighting
@@ -35,12 +36,19 @@ func NewTracker(window time.Duration, clk clock.PassiveClock) *Tracker {
 	if clk == nil {
 		clk = clock.RealClock{}
 	}
-	return &Tracker{clock: clk, window: window, max: DefaultMaxTracked, seen: make(map[spiffeid.ID]sighting)}
+	return &Tracker{clock: clk, window: window, max: DefaultMaxTracked, since: clk.Now(), seen: make(map[spiffeid.ID]sighting)}
 }
 
+// Since returns when the tracker started watching.
+func (t *Tracker) Since() time.Time { return t.since }
+
 // Observe records that id holds the bundle of sequence seq now. Zero means
-// the workload did not say.
+// the caller did not say (an ad hoc client such as meshctl issue); it is
+// not tracked.
 func (t *Tracker) Observe(id spiffeid.ID, seq uint64) {
+	if seq == 0 {
+		return
+	}
 	now := t.clock.Now()
 	t.mu.Lock()
 	defer t.mu.Unlock()

@@ -199,6 +199,15 @@ func loadConfig(path string) (Config, error) {
 	return cfg, nil
 }
 
+// offIfFalse turns "false", what YAML makes of an unquoted off, into
+// "off".
+func offIfFalse(s string) string {
+	if s == "false" {
+		return "off"
+	}
+	return s
+}
+
 // completeConfig is a Config with defaults applied and values parsed,
 // validated once.
 type completeConfig struct {
@@ -232,6 +241,9 @@ func (c Config) complete() (*completeConfig, error) {
 	if c.Server.IPAddresses == nil {
 		c.Server.IPAddresses = []string{"127.0.0.1", "::1"}
 	}
+	// YAML reads an unquoted off as false.
+	c.MetricsAddress = offIfFalse(c.MetricsAddress)
+	c.AdminSocket = offIfFalse(c.AdminSocket)
 	if c.AdminSocket == "" {
 		c.AdminSocket = filepath.Join(c.DataDir, "admin.sock")
 	}
@@ -290,6 +302,9 @@ func (c Config) complete() (*completeConfig, error) {
 	cc.ttl = ca.TTLPolicy{Default: time.Duration(c.Leaf.DefaultTTL), Max: time.Duration(c.Leaf.MaxTTL)}
 	if cc.ttl.Default < 0 || cc.ttl.Max < 0 {
 		errs = append(errs, errors.New("leaf: TTLs must not be negative"))
+	}
+	if inter := time.Duration(c.Authority.IntermediateTTL); inter > 0 && inter < 2*cc.ttl.Longest() {
+		errs = append(errs, fmt.Errorf("authority.intermediateTTL %s is shorter than twice the longest leaf (%s): intermediates would rotate at every check", inter, cc.ttl.Longest()))
 	}
 	if maxTTL := cc.ttl.Longest(); cc.ttl.Default > maxTTL {
 		errs = append(errs, fmt.Errorf("leaf.defaultTTL %s is longer than the maximum %s", cc.ttl.Default, maxTTL))

@@ -141,6 +141,14 @@ bootstrapTokens: `+tokenFile+"\n"), 0o600))
 		}, 40*time.Second, 250*time.Millisecond, "meshctl root %s never succeeded: %s", cmd, lastErr)
 	}
 	for i, cmd := range []string{"prepare", "activate", "retire"} {
+		if cmd == "activate" {
+			// Propagation is tracked: every workload reports, on its
+			// next renewal, that it holds the prepared root.
+			require.Eventually(t, func() bool {
+				p := rootStatus(t, socket).GetPropagation()
+				return p.GetWorkloadsSeen() == n && p.GetWorkloadsHolding() == n
+			}, 30*time.Second, 200*time.Millisecond, "the workloads never all reported the prepared root")
+		}
 		step(cmd)
 		hs.phase.Store(int32(i + 1))
 	}

@@ -254,7 +254,8 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 		admin = server.NewAdminServer(server.AdminOptions{CA: c, Manager: manager, Tracker: tracker, MaxLeafTTL: maxLeafTTL, Logger: audit})
 		go func() { errc <- admin.Serve(adminLis) }()
 	}
-	root := set.Roots[0].Cert
+	active, _ := c.Authorities().ActiveRoot()
+	root := active.Cert
 	log.Info("meshca-server ready",
 		"address", lis.Addr().String(),
 		"metrics_address", addrOf(metricsLis),

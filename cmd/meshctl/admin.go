@@ -54,10 +54,12 @@ moves before the mesh is ready for it:
   prepare   a new root joins the trust bundle; it signs nothing yet. The
             bundle reaches workloads over the bundle stream, which report
             the bundle they hold on every renewal.
-  activate  the new root signs, through a new intermediate also
-            cross-signed by the old root; the old root is retiring. Refused
-            until every workload seen within the maximum leaf lifetime
-            holds the new root, or that lifetime has passed since prepare.
+  activate  the new root signs, through a new intermediate; chains carry
+            the new root cross-signed by the old one, which is retiring.
+            Refused until every workload seen within the maximum leaf
+            lifetime holds the new root, or that lifetime has passed since
+            prepare (after a restart, not before half a leaf lifetime of
+            tracking).
   retire    the old root leaves the bundle. Refused while a leaf under it
             can still be valid.
 
@@ -129,7 +131,7 @@ func newAdminStepCommand(use, short string, step adminStep) *cobra.Command {
 			defer cancel()
 			resp, err := step(client, ctx, &adminv1.OperationRequest{Force: force, DryRun: dryRun})
 			if err != nil {
-				return fmt.Errorf("%s: %w", cmd.CommandPath(), err)
+				return fmt.Errorf("%s %s: %w", cmd.Parent().Name(), cmd.Name(), err)
 			}
 			if f.output == "json" {
 				return writeProtoJSON(cmd.OutOrStdout(), resp)

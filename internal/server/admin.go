@@ -14,8 +14,8 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/meshca/meshca/ca"
-	"github.com/meshca/meshca/rotation"
 	adminv1 "github.com/meshca/meshca/proto/meshca/admin/v1"
+	"github.com/meshca/meshca/rotation"
 )
 
 // AdminOptions configure the admin service.
@@ -122,8 +122,10 @@ func resultWord(r rotation.Result) string {
 func adminStatus(err error) *status.Status {
 	var refused *rotation.RefusedError
 	switch {
-	case errors.As(err, &refused):
+	case errors.As(err, &refused) && refused.Overridable:
 		return status.New(codes.FailedPrecondition, refused.Error()+" (--force overrides)")
+	case errors.As(err, &refused):
+		return status.New(codes.FailedPrecondition, refused.Error())
 	case errors.Is(err, rotation.ErrNotApplicable):
 		return status.New(codes.FailedPrecondition, err.Error())
 	}

@@ -290,15 +290,18 @@ func toStatus(err error) (*status.Status, string) {
 		permErr *identity.PermissionError
 	)
 	switch {
+	// The whole message is sent: errors of the request path never hold a
+	// credential, and an authenticator of another package may wrap the
+	// reason with a message of its own.
 	case errors.As(err, &csrErr):
-		return status.New(codes.InvalidArgument, csrErr.Error()), string(csrErr.Reason)
+		return status.New(codes.InvalidArgument, err.Error()), string(csrErr.Reason)
 	case errors.As(err, &authErr):
 		if authErr.Reason == identity.ReasonUnavailable {
-			return status.New(codes.Unavailable, authErr.Error()), string(authErr.Reason)
+			return status.New(codes.Unavailable, err.Error()), string(authErr.Reason)
 		}
-		return status.New(codes.Unauthenticated, authErr.Error()), string(authErr.Reason)
+		return status.New(codes.Unauthenticated, err.Error()), string(authErr.Reason)
 	case errors.As(err, &permErr):
-		return status.New(codes.PermissionDenied, permErr.Error()), string(permErr.Reason)
+		return status.New(codes.PermissionDenied, err.Error()), string(permErr.Reason)
 	case errors.Is(err, context.Canceled):
 		return status.New(codes.Canceled, "request canceled"), "canceled"
 	case errors.Is(err, context.DeadlineExceeded):

@@ -560,3 +560,36 @@ func TestShutdownEndsWatchStreams(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, healthpb.HealthCheckResponse_NOT_SERVING, hc.Status)
 }
+
+// TestServingCertFollowsTheBundle: after a root change, the server's own
+// certificate is issued again, so clients holding the new bundle alone
+// still verify the server.
+func TestServingCertFollowsTheBundle(t *testing.T) {
+	set, err := ca.NewSelfSigned(ca.AuthorityOptions{TrustDomain: td})
+	require.NoError(t, err)
+	c, err := ca.New(set, ca.Options{})
+	require.NoError(t, err)
+	sc, err := server.NewServingCert(c, serverID, nil, nil, time.Hour, nil)
+	require.NoError(t, err)
+	first, err := sc.GetCertificate(nil)
+	require.NoError(t, err)
+	again, err := sc.GetCertificate(nil)
+	require.NoError(t, err)
+	require.Same(t, first, again, "reissued with nothing changed")
+
+	// Replace the root, as a retire after activate does.
+	newSet, err := ca.NewSelfSigned(ca.AuthorityOptions{TrustDomain: td})
+	require.NoError(t, err)
+	newSet.Sequence = 2
+	require.NoError(t, c.SetAuthorities(newSet))
+
+	next, err := sc.GetCertificate(nil)
+	require.NoError(t, err)
+	require.NotSame(t, first, next)
+	newBundle, _ := c.Bundle()
+	id, _, err := x509svid.ParseAndVerify(next.Certificate, newBundle)
+	require.NoError(t, err, "the new bundle verifies the server")
+	require.Equal(t, serverID, id)
+	_, _, err = x509svid.ParseAndVerify(first.Certificate, newBundle)
+	require.Error(t, err, "the old certificate would have failed clients with the new bundle")
+}

@@ -32,6 +32,7 @@ type ServingCert struct {
 	mu      sync.Mutex
 	cert    *tls.Certificate
 	renewAt time.Time
+	seq     uint64 // bundle sequence when cert was issued
 }
 
 // NewServingCert returns the serving certificate of id with extra DNS and
@@ -51,7 +52,10 @@ func NewServingCert(c *ca.CA, id spiffeid.ID, dnsNames []string, ips []net.IP, t
 func (sc *ServingCert) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
-	if sc.cert != nil && sc.clock.Now().Before(sc.renewAt) {
+	// Renew at half life, and whenever the bundle changed: a root may have
+	// left it, and clients with the new bundle must verify the server.
+	_, seq := sc.ca.Bundle()
+	if sc.cert != nil && sc.clock.Now().Before(sc.renewAt) && seq == sc.seq {
 		return sc.cert, nil
 	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -78,7 +82,7 @@ func (sc *ServingCert) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, e
 		cert.Certificate = append(cert.Certificate, c.Raw)
 	}
 	life := issued.Cert.NotAfter.Sub(issued.Cert.NotBefore)
-	sc.cert, sc.renewAt = cert, issued.Cert.NotBefore.Add(life/2)
+	sc.cert, sc.renewAt, sc.seq = cert, issued.Cert.NotBefore.Add(life/2), issued.BundleSequence
 	return cert, nil
 }
 

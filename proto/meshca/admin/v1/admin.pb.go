@@ -194,7 +194,7 @@ type RootStatusResponse struct {
 	BundleSequence uint64                 `protobuf:"varint,2,opt,name=bundle_sequence,json=bundleSequence,proto3" json:"bundle_sequence,omitempty"`
 	Roots          []*Authority           `protobuf:"bytes,3,rep,name=roots,proto3" json:"roots,omitempty"`
 	Issuer         *Authority             `protobuf:"bytes,4,opt,name=issuer,proto3" json:"issuer,omitempty"`
-	// Copies of the issuer cross-signed by other roots, and intermediates
+	// Copies of the active root cross-signed by retiring roots, and intermediates
 	// above it, served in every chain after the issuer.
 	Chain           []*Authority `protobuf:"bytes,5,rep,name=chain,proto3" json:"chain,omitempty"`
 	NextIssuer      *Authority   `protobuf:"bytes,6,opt,name=next_issuer,json=nextIssuer,proto3" json:"next_issuer,omitempty"`
