@@ -3,6 +3,9 @@
 
 TOOLS ?= $(HOME)/.cache/meshca/bin
 export PATH := $(TOOLS):$(PATH)
+# kube-apiserver and etcd for the integration tests (scripts/kube.sh).
+MESHCA_KUBE_ASSETS ?= $(HOME)/.cache/meshca/kube
+export MESHCA_KUBE_ASSETS
 
 GO       ?= go
 PROTOS   := $(shell find proto -name '*.proto')
@@ -14,6 +17,7 @@ all: lint test
 .PHONY: tools
 tools:
 	@MESHCA_TOOLS=$(TOOLS) bash scripts/tools.sh
+	@bash scripts/kube.sh
 
 ## run: start meshca-server on the embedded default (data in ./$(DATA_DIR)).
 .PHONY: run
@@ -24,9 +28,10 @@ run:
 build:
 	$(GO) build -o bin/ ./cmd/...
 
-## test: generated code is fresh, vet is clean, every test passes with -race.
+## test: generated code and manifests are fresh, vet is clean, every test
+## passes with -race (against a real kube-apiserver and etcd).
 .PHONY: test
-test: tools generate-check vet
+test: tools generate-check manifests-check vet
 	$(GO) test -race -count=1 ./...
 
 .PHONY: vet
@@ -62,6 +67,17 @@ generate-check: tools
 	stale=$$(cd proto && find . -name '*.pb.go' | while read f; do [ -f $$tmp/$$f ] || echo $$f; done); \
 	if [ -n "$$stale" ]; then echo "generated files without a .proto: $$stale"; exit 1; fi; \
 	echo "generated code is fresh"
+
+## manifests: render deploy/kubernetes from the Helm chart (installs helm if needed).
+.PHONY: manifests manifests-check image
+manifests:
+	bash scripts/render-manifests.sh
+manifests-check:
+	@bash scripts/render-manifests.sh --check
+
+IMAGE ?= meshca/meshca-server:dev
+image:
+	docker build -f deploy/Dockerfile -t $(IMAGE) .
 
 ## fuzz: run every native fuzz test for FUZZTIME each (default 30s).
 FUZZTIME ?= 30s

@@ -16,6 +16,11 @@ import (
 // ErrNotFound is returned by a Store that holds no authority set yet.
 var ErrNotFound = errors.New("ca: no stored authority set")
 
+// ErrConflict is wrapped by a Store's Save when the stored set changed
+// after the Store last read or wrote it: another replica saved first.
+// Nothing was written; the caller loads again and decides again.
+var ErrConflict = errors.New("ca: the stored authority set changed since it was read; reload")
+
 // Store keeps the authority set, keys included. Implementations write
 // atomically: a crash leaves the old set or the new one.
 type Store interface {

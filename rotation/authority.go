@@ -315,6 +315,9 @@ func (m *Manager) commit(ctx context.Context, step Step, set *ca.AuthoritySet) e
 		return fmt.Errorf("rotation: %s would make an invalid authority set: %w", step, err)
 	}
 	if err := m.opts.Store.Save(ctx, set); err != nil {
+		if errors.Is(err, ca.ErrConflict) {
+			m.reload(ctx)
+		}
 		return fmt.Errorf("rotation: %s: saving: %w", step, err)
 	}
 	if m.opts.AfterSave != nil {
@@ -326,6 +329,18 @@ func (m *Manager) commit(ctx context.Context, step Step, set *ca.AuthoritySet) e
 	m.log.Info("authorities rotated", "step", string(step), "bundle_sequence", set.Sequence,
 		"issuer_serial", set.Issuer.Cert.SerialNumber.Text(16))
 	return nil
+}
+
+// reload makes the stored set the CA's after a conflict, so that the next
+// step starts from what another replica saved.
+func (m *Manager) reload(ctx context.Context) {
+	set, err := m.opts.Store.Load(ctx)
+	if err == nil {
+		err = m.opts.CA.SetAuthorities(set)
+	}
+	if err != nil {
+		m.log.Error("reloading the authorities after a conflict failed", "error", err)
+	}
 }
 
 // RotateIntermediate replaces the issuer now with a new intermediate under

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -410,4 +411,30 @@ func requireOpenSSLVerifies(t *testing.T, at time.Time, roots, chain []*x509.Cer
 		write("leaf.pem", chain[:1])).CombinedOutput()
 	require.NoError(t, err, string(out))
 	require.Contains(t, string(out), ": OK")
+}
+
+// conflictStore loses every Save to another replica, whose set Load
+// returns.
+type conflictStore struct{ theirs *ca.AuthoritySet }
+
+func (s *conflictStore) Load(context.Context) (*ca.AuthoritySet, error) { return s.theirs, nil }
+func (s *conflictStore) Save(context.Context, *ca.AuthoritySet) error {
+	return fmt.Errorf("test store: %w", ca.ErrConflict)
+}
+
+// After a conflict the manager takes what the other replica saved, so its
+// next step starts from there instead of conflicting forever.
+func TestConflictReloads(t *testing.T) {
+	f := newManagerFixture(t)
+	theirs := f.ca.Authorities().Clone()
+	other, err := ca.NewIntermediate(ca.AuthorityOptions{TrustDomain: authTD, Clock: f.clock}, theirs.Roots[0].Authority)
+	require.NoError(t, err)
+	theirs.Issuer = other
+	m, err := rotation.NewManager(rotation.ManagerOptions{CA: f.ca, Store: &conflictStore{theirs: theirs}, MaxLeafTTL: leafTTL, Tracker: f.tracker, Clock: f.clock})
+	require.NoError(t, err)
+
+	_, err = m.PrepareRoot(context.Background(), rotation.OpOptions{})
+	require.ErrorIs(t, err, ca.ErrConflict)
+	require.Equal(t, other.Cert.Raw, f.ca.Authorities().Issuer.Cert.Raw, "the other replica's set was loaded")
+	require.Len(t, f.ca.Authorities().Roots, 1, "the refused step took no effect")
 }

@@ -31,6 +31,7 @@ import (
 
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/ca/filestore"
+	"github.com/meshca/meshca/ca/kubestore"
 	"github.com/meshca/meshca/identity"
 	"github.com/meshca/meshca/internal/securefile"
 	"github.com/meshca/meshca/internal/server"
@@ -137,7 +138,14 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("data directory: %w", err)
 	}
-	set, store, err := loadAuthorities(ctx, cfg)
+	var kube *kubeEnv
+	if cfg.Kubernetes.Enabled {
+		var err error
+		if kube, err = newKubeEnv(cfg.Kubernetes, log); err != nil {
+			return err
+		}
+	}
+	set, store, err := loadAuthorities(ctx, cfg, kube)
 	if err != nil {
 		return err
 	}
@@ -168,7 +176,23 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 		if err != nil {
 			return err
 		}
-		go func() { _ = manager.Run(ctx) }()
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	// adminLeader says who may run rotation steps: this replica, unless
+	// replicas elect a leader.
+	var adminLeader func() (bool, string)
+	if kube == nil {
+		if manager != nil {
+			go func() { _ = manager.Run(ctx) }()
+		}
+	} else {
+		elector, err := startKubernetes(ctx, kube, cfg, c, store, manager, reg)
+		if err != nil {
+			return err
+		}
+		adminLeader = func() (bool, string) { return elector.IsLeader(), elector.Leader() }
 	}
 
 	authns := []identity.Authenticator{}
@@ -180,9 +204,13 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 		authns = append(authns, tokens)
 	}
 	authns = append(authns, identity.NewSVIDAuthenticator(cfg.td, c, nil))
-
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if kube != nil {
+		reviews, err := kube.authenticator(cfg, reg)
+		if err != nil {
+			return err
+		}
+		authns = append(authns, reviews)
+	}
 	srv, err := server.New(server.Options{
 		CA:            c,
 		Authenticator: identity.Chain(authns...),
@@ -251,7 +279,7 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 			lis.Close()
 			return err
 		}
-		admin = server.NewAdminServer(server.AdminOptions{CA: c, Manager: manager, Tracker: tracker, MaxLeafTTL: maxLeafTTL, Logger: audit})
+		admin = server.NewAdminServer(server.AdminOptions{CA: c, Manager: manager, Tracker: tracker, MaxLeafTTL: maxLeafTTL, Logger: audit, Leader: adminLeader})
 		go func() { errc <- admin.Serve(adminLis) }()
 	}
 	active, _ := c.Authorities().ActiveRoot()
@@ -300,12 +328,21 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 }
 
 // loadAuthorities returns the authority set and, when it is ours to
-// rotate (mode selfsigned), the store it lives in.
-func loadAuthorities(ctx context.Context, cfg *completeConfig) (*ca.AuthoritySet, ca.Store, error) {
+// rotate (mode selfsigned), the store it lives in: a Secret in Kubernetes
+// mode, shared by the replicas, else the data directory.
+func loadAuthorities(ctx context.Context, cfg *completeConfig, kube *kubeEnv) (*ca.AuthoritySet, ca.Store, error) {
 	if cfg.Authority.Mode == "files" {
 		f := cfg.Authority.Files
 		set, err := ca.LoadFiles(cfg.td, ca.Files{RootCert: f.RootCert, CACert: f.CACert, CAKey: f.CAKey, CertChain: f.CertChain}, time.Now())
 		return set, nil, err
+	}
+	if kube != nil {
+		store, err := kube.store()
+		if err != nil {
+			return nil, nil, err
+		}
+		set, err := kubestore.LoadOrCreate(ctx, store, authorityOptions(cfg))
+		return set, store, err
 	}
 	store, err := filestore.New(cfg.DataDir)
 	if err != nil {

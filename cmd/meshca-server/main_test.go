@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -174,12 +175,8 @@ func TestEndToEnd(t *testing.T) {
 	require.NotEqual(t, first.Certificates[0].SerialNumber.Text(16), renewed.Serial)
 
 	// openssl verifies the renewed chain with the bundle meshctl wrote.
-	chain, err := os.ReadFile(filepath.Join(out, "svid.pem"))
-	require.NoError(t, err)
-	inter := filepath.Join(out, "inter.pem")
-	require.NoError(t, os.WriteFile(inter, chain[bytes.Index(chain, []byte("-----END CERTIFICATE-----"))+26:], 0o600))
-	osslOut, err := exec.Command("openssl", "verify", "-CAfile", filepath.Join(out, "bundle.pem"), "-untrusted", inter, filepath.Join(out, "svid.pem")).CombinedOutput()
-	require.NoError(t, err, string(osslOut))
+	osslOut, err := opensslVerify(filepath.Join(out, "svid.pem"), filepath.Join(out, "bundle.pem"))
+	require.NoError(t, err, osslOut)
 
 	// inspect reads it back for a person, and as data.
 	stdout, stderr, err = meshctl(t, "inspect", filepath.Join(out, "svid.pem"), "-o", "json")
@@ -297,4 +294,32 @@ func (b *lockedBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
+}
+
+// opensslVerify checks the chain in chainPath (leaf first) with openssl,
+// trusting the roots in bundlePath.
+func opensslVerify(chainPath, bundlePath string) (string, error) {
+	chain, err := os.ReadFile(chainPath)
+	if err != nil {
+		return "", err
+	}
+	end := []byte("-----END CERTIFICATE-----\n")
+	i := bytes.Index(chain, end)
+	if i < 0 {
+		return "", fmt.Errorf("%s holds no certificate", chainPath)
+	}
+	dir, err := os.MkdirTemp("", "meshca-openssl-")
+	if err != nil {
+		return "", err
+	}
+	defer os.RemoveAll(dir)
+	leaf, rest := filepath.Join(dir, "leaf.pem"), filepath.Join(dir, "rest.pem")
+	if err := os.WriteFile(leaf, chain[:i+len(end)], 0o600); err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(rest, chain[i+len(end):], 0o600); err != nil {
+		return "", err
+	}
+	out, err := exec.Command("openssl", "verify", "-CAfile", bundlePath, "-untrusted", rest, leaf).CombinedOutput()
+	return string(out), err
 }

@@ -1,0 +1,161 @@
+package main
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/ca/kubestore"
+	"github.com/meshca/meshca/identity"
+	"github.com/meshca/meshca/identity/bundlepublish"
+	"github.com/meshca/meshca/identity/tokenreview"
+	"github.com/meshca/meshca/internal/leader"
+	"github.com/meshca/meshca/internal/server"
+	"github.com/meshca/meshca/rotation"
+)
+
+// kubeEnv is the server's view of its cluster in Kubernetes mode.
+type kubeEnv struct {
+	cfg    KubernetesConfig
+	client kubernetes.Interface
+	log    *slog.Logger
+}
+
+func newKubeEnv(cfg KubernetesConfig, log *slog.Logger) (*kubeEnv, error) {
+	var rc *rest.Config
+	var err error
+	if cfg.Kubeconfig != "" {
+		rc, err = clientcmd.BuildConfigFromFlags("", cfg.Kubeconfig)
+	} else {
+		rc, err = rest.InClusterConfig()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes: client config: %w", err)
+	}
+	// A restart storm brings a TokenReview per new workload: client-go's
+	// default of 5 requests/s would turn it into time-outs.
+	rc.QPS, rc.Burst = 100, 200
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes: client: %w", err)
+	}
+	return &kubeEnv{cfg: cfg, client: client, log: log}, nil
+}
+
+// store returns the Secret store of the authority set.
+func (k *kubeEnv) store() (*kubestore.Store, error) {
+	return kubestore.New(kubestore.Options{
+		Client:    k.client.CoreV1(),
+		Namespace: k.cfg.Namespace,
+		Name:      k.cfg.StateSecret,
+		Logger:    k.log,
+	})
+}
+
+// authenticator reviews service-account tokens with the API server.
+func (k *kubeEnv) authenticator(cfg *completeConfig, reg prometheus.Registerer) (identity.Authenticator, error) {
+	return tokenreview.New(k.client.AuthenticationV1(), tokenreview.Options{
+		TrustDomain: cfg.td,
+		Audiences:   k.cfg.TokenAudiences,
+		Logger:      k.log,
+		Registerer:  reg,
+	})
+}
+
+// startKubernetes starts what Kubernetes mode adds to every replica
+// (following the leader's changes to the shared authorities) and the
+// leader election, whose winner rotates and publishes bundles.
+func startKubernetes(ctx context.Context, k *kubeEnv, cfg *completeConfig, c *ca.CA, store ca.Store, manager *rotation.Manager, reg prometheus.Registerer) (*leader.Elector, error) {
+	work := leaderWork{ca: c, manager: manager, log: k.log}
+	if ks, ok := store.(*kubestore.Store); ok {
+		work.store = ks
+		go func() {
+			if err := kubestore.Follow(ctx, ks, c, k.log); err != nil {
+				k.log.Error("following the shared authorities stopped", "error", err)
+			}
+		}()
+	}
+	pub, err := k.publisher(c, cmp.Or(time.Duration(cfg.BundleRefreshHint), server.DefaultRefreshHint), reg)
+	if err != nil {
+		return nil, err
+	}
+	work.publisher = pub
+	elector, err := k.elector(work)
+	if err != nil {
+		return nil, err
+	}
+	go func() {
+		if err := elector.Run(ctx); err != nil {
+			k.log.Error("leader election stopped", "error", err)
+		}
+	}()
+	return elector, nil
+}
+
+// leaderWork is what only the leader does: rotate the authorities and
+// publish the bundle in every namespace.
+type leaderWork struct {
+	ca        *ca.CA
+	store     *kubestore.Store // nil in mode files
+	manager   *rotation.Manager
+	publisher *bundlepublish.Publisher // nil when publishing is off
+	log       *slog.Logger
+}
+
+func (w leaderWork) run(ctx context.Context) {
+	// Start from what is stored: a follower's view may lag, and the store
+	// must know the Secret's current version for the first save to land.
+	if w.store != nil {
+		if err := kubestore.Reload(ctx, w.store, w.ca); err != nil {
+			w.log.Error("reloading the authorities on taking the lead", "error", err)
+		}
+	}
+	var wg sync.WaitGroup
+	if w.manager != nil {
+		wg.Go(func() { _ = w.manager.Run(ctx) })
+	}
+	if w.publisher != nil {
+		wg.Go(func() { _ = w.publisher.Run(ctx) })
+	}
+	wg.Wait()
+}
+
+// publisher returns the bundle publisher, or nil when it is off.
+func (k *kubeEnv) publisher(c *ca.CA, hint time.Duration, reg prometheus.Registerer) (*bundlepublish.Publisher, error) {
+	if k.cfg.BundleConfigMap == "off" || k.cfg.BundleConfigMap == "false" {
+		return nil, nil
+	}
+	return bundlepublish.New(bundlepublish.Options{
+		Client:        k.client,
+		Source:        c,
+		ConfigMapName: k.cfg.BundleConfigMap,
+		RefreshHint:   hint,
+		Logger:        k.log,
+		Registerer:    reg,
+	})
+}
+
+// elector returns the leader election, doing work while leading. Every
+// replica signs; only the leader rotates and publishes.
+func (k *kubeEnv) elector(work leaderWork) (*leader.Elector, error) {
+	return leader.New(leader.Options{
+		Client:           k.client.CoordinationV1(),
+		Namespace:        k.cfg.Namespace,
+		Name:             k.cfg.LeaseName,
+		Identity:         k.cfg.PodName,
+		LeaseDuration:    time.Duration(k.cfg.LeaseDuration),
+		RenewDeadline:    time.Duration(k.cfg.RenewDeadline),
+		RetryPeriod:      time.Duration(k.cfg.RetryPeriod),
+		Logger:           k.log,
+		OnStartedLeading: work.run,
+	})
+}

@@ -1,0 +1,31 @@
+// Package tokenreview authenticates Kubernetes workloads by their
+// service-account tokens: a token is sent to the API server in a
+// TokenReview (authentication.k8s.io/v1) for the CA's audiences, and an
+// accepted token of service account <sa> in namespace <ns> proves the
+// identity spiffe://<trust-domain>/ns/<ns>/sa/<sa>.
+//
+// Accepted reviews are cached by the token's SHA-256, never the token,
+// for at most Options.CacheTTL and never past the token's own expiry, so
+// workloads keep getting certificates while the API server is briefly
+// unreachable. Refusals and failures are not cached: a refusal can be
+// transient (a pod the API server has not seen yet), and a flood of bad
+// tokens is of distinct ones, which no cache by token would blunt.
+// Concurrent reviews of one token are made once. An API server that is
+// slow or down yields an *identity.AuthError with reason
+// identity.ReasonUnavailable within Options.Timeout, not a hang.
+//
+// The Authenticator goes last in an identity.Chain, after the static
+// bootstrap tokens, which also read bearer tokens:
+//
+//	reviews, err := tokenreview.New(clientset.AuthenticationV1(), tokenreview.Options{
+//		TrustDomain: td,
+//		Audiences:   []string{"meshca"},
+//		Logger:      log,
+//		Registerer:  reg,
+//	})
+//	if err != nil { ... }
+//	authn := identity.Chain(staticTokens, svids, reviews)
+//
+// The CA's service account needs "create" on tokenreviews
+// (authentication.k8s.io); nothing else.
+package tokenreview

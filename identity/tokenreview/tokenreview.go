@@ -1,0 +1,369 @@
+package tokenreview
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	authenticationv1 "k8s.io/api/authentication/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/validation"
+	authenticationv1client "k8s.io/client-go/kubernetes/typed/authentication/v1"
+	"k8s.io/utils/clock"
+
+	"github.com/meshca/meshca/identity"
+)
+
+// The defaults of Options.
+const (
+	DefaultTimeout         = 5 * time.Second
+	DefaultCacheTTL        = time.Minute
+	DefaultMaxCacheEntries = 100_000
+)
+
+// serviceAccountPrefix starts the user name the API server gives a
+// service account: system:serviceaccount:<namespace>:<name>.
+const serviceAccountPrefix = "system:serviceaccount:"
+
+// maxStatusError is the most of a TokenReview's status.error quoted in an
+// error message.
+const maxStatusError = 512
+
+// Options configure an Authenticator.
+type Options struct {
+	// TrustDomain of the IDs issued. Required.
+	TrustDomain spiffeid.TrustDomain
+
+	// Audiences a token must be valid for, at least one of them: the
+	// audience of the projected service-account token the workloads
+	// present, such as "meshca" (or "istio-ca" for Istio's proxies).
+	// Required: a token without an audience is one for the API server,
+	// and a CA that accepted those could be handed any token a workload
+	// uses to talk to Kubernetes.
+	Audiences []string
+
+	// Timeout bounds one review, from the request to the API server's
+	// answer. Zero means DefaultTimeout (5s).
+	Timeout time.Duration
+
+	// CacheTTL is the longest an accepted review is reused without asking
+	// the API server again; an entry also ends at the token's expiry.
+	// It bounds how long a token stays accepted after its pod or service
+	// account is deleted. Zero means DefaultCacheTTL (1m); negative turns
+	// the cache off.
+	CacheTTL time.Duration
+
+	// MaxCacheEntries bounds the cache; the least recently used entry is
+	// evicted first. Zero means DefaultMaxCacheEntries (100,000, a few
+	// tens of MB at most).
+	MaxCacheEntries int
+
+	// Clock tells the time for cache expiry. Nil means the real clock.
+	Clock clock.PassiveClock
+
+	// Logger receives refusals (debug) and API server failures (warn),
+	// which never hold the token. Nil means no logging.
+	Logger *slog.Logger
+
+	// Registerer, when not nil, receives the metrics of reviews and of
+	// the cache. Two Authenticators cannot share one.
+	Registerer prometheus.Registerer
+}
+
+// Authenticator authenticates Kubernetes service-account tokens with
+// TokenReviews. It is safe for concurrent use.
+type Authenticator struct {
+	reviews     authenticationv1client.TokenReviewsGetter
+	trustDomain spiffeid.TrustDomain
+	audiences   []string
+	timeout     time.Duration
+	cacheTTL    time.Duration
+	clock       clock.PassiveClock
+	log         *slog.Logger
+	metrics     *metrics
+
+	mu       sync.Mutex
+	cache    *cache                // guarded by mu
+	inflight map[tokenHash]*flight // guarded by mu
+
+	// joined, when set by a test, is called when a caller joins a review
+	// under way.
+	joined func()
+}
+
+// flight is one review under way, shared by every caller presenting the
+// same token meanwhile. caller and err are set before done is closed.
+type flight struct {
+	done   chan struct{}
+	caller identity.Caller
+	err    error
+}
+
+var _ identity.Authenticator = (*Authenticator)(nil)
+
+// New returns an Authenticator sending TokenReviews through client, such
+// as a clientset's AuthenticationV1().
+func New(client authenticationv1client.TokenReviewsGetter, opts Options) (*Authenticator, error) {
+	if client == nil {
+		return nil, errors.New("tokenreview: a TokenReviews client is required")
+	}
+	if opts.TrustDomain.IsZero() {
+		return nil, errors.New("tokenreview: Options.TrustDomain is required")
+	}
+	if len(opts.Audiences) == 0 {
+		return nil, errors.New("tokenreview: Options.Audiences is required: the audience of the workloads' projected service-account tokens, such as \"meshca\"")
+	}
+	if slices.Contains(opts.Audiences, "") {
+		return nil, errors.New("tokenreview: Options.Audiences has an empty audience")
+	}
+	if opts.Timeout < 0 {
+		return nil, fmt.Errorf("tokenreview: Options.Timeout is %s; it must be positive, or zero for %s", opts.Timeout, DefaultTimeout)
+	}
+	if opts.MaxCacheEntries < 0 {
+		return nil, fmt.Errorf("tokenreview: Options.MaxCacheEntries is %d; it must be positive, or zero for %d", opts.MaxCacheEntries, DefaultMaxCacheEntries)
+	}
+	a := &Authenticator{
+		reviews:     client,
+		trustDomain: opts.TrustDomain,
+		audiences:   slices.Clone(opts.Audiences),
+		timeout:     opts.Timeout,
+		cacheTTL:    opts.CacheTTL,
+		clock:       opts.Clock,
+		log:         opts.Logger,
+		inflight:    make(map[tokenHash]*flight),
+	}
+	if a.timeout == 0 {
+		a.timeout = DefaultTimeout
+	}
+	if a.cacheTTL == 0 {
+		a.cacheTTL = DefaultCacheTTL
+	}
+	entries := opts.MaxCacheEntries
+	if entries == 0 {
+		entries = DefaultMaxCacheEntries
+	}
+	if a.cacheTTL < 0 {
+		entries = 0
+	}
+	a.cache = newCache(entries)
+	if a.clock == nil {
+		a.clock = clock.RealClock{}
+	}
+	if a.log == nil {
+		a.log = slog.New(slog.DiscardHandler)
+	}
+	m, err := newMetrics(opts.Registerer, func() float64 {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		return float64(a.cache.len())
+	})
+	if err != nil {
+		return nil, fmt.Errorf("tokenreview: registering metrics: %w", err)
+	}
+	a.metrics = m
+	return a, nil
+}
+
+// Authenticate accepts a service-account token that the API server
+// authenticates for one of the audiences, as the workload ID of its
+// namespace and service account.
+//
+// It returns identity.ErrNotApplicable when there is no token, and an
+// *identity.AuthError with reason identity.ReasonUnknownToken when the
+// token is not a JWT or is refused, so that an identity.Chain tries the
+// next authenticator, or with reason identity.ReasonUnavailable when the
+// API server cannot be asked within the timeout. When ctx ends first, the
+// error wraps ctx.Err().
+func (a *Authenticator) Authenticate(ctx context.Context, cred identity.Credential) (identity.Caller, error) {
+	if cred.Token == "" {
+		return identity.Caller{}, identity.ErrNotApplicable
+	}
+	exp, hasExp, ok := parseJWT(cred.Token)
+	if !ok {
+		return identity.Caller{}, authError(identity.ReasonUnknownToken, nil, "bearer token is not a Kubernetes service-account token: it is not a JWT")
+	}
+	key := sha256.Sum256([]byte(cred.Token))
+
+	// The cache and the flights are looked at under one lock, and a
+	// flight caches its result before it leaves the map: a caller finds
+	// the flight or its result, and one token is never reviewed twice at
+	// once.
+	a.mu.Lock()
+	if caller, ok := a.cache.get(key, a.clock.Now()); ok {
+		a.mu.Unlock()
+		a.metrics.cacheHits.Inc()
+		return caller, nil
+	}
+	f, ok := a.inflight[key]
+	if !ok {
+		f = &flight{done: make(chan struct{})}
+		a.inflight[key] = f
+		// The review outlives this caller's cancellation: others may be
+		// waiting for it, and its answer is cached for the retry.
+		go a.fly(context.WithoutCancel(ctx), f, key, cred.Token, exp, hasExp)
+	} else if a.joined != nil {
+		a.joined()
+	}
+	a.mu.Unlock()
+
+	// Waiting is bounded here too, so that a client that does not honour
+	// its context cannot hold the caller.
+	wait, cancel := context.WithTimeout(ctx, a.timeout)
+	defer cancel()
+	select {
+	case <-f.done:
+		return f.caller, f.err
+	case <-wait.Done():
+		if err := ctx.Err(); err != nil {
+			return identity.Caller{}, fmt.Errorf("tokenreview: waiting for the review of the token: %w", err)
+		}
+		return identity.Caller{}, authError(identity.ReasonUnavailable, context.DeadlineExceeded, "cannot reach the Kubernetes API server to review the token: no answer within %s", a.timeout)
+	}
+}
+
+// fly reviews a token for a flight, caches an accepted review, and lands
+// the flight.
+func (a *Authenticator) fly(ctx context.Context, f *flight, key tokenHash, token string, exp time.Time, hasExp bool) {
+	ctx, cancel := context.WithTimeout(ctx, a.timeout)
+	defer cancel()
+	start := a.clock.Now()
+	f.caller, f.err = a.review(ctx, token, key)
+
+	a.mu.Lock()
+	if f.err == nil {
+		expires := start.Add(a.cacheTTL)
+		if hasExp && exp.Before(expires) {
+			expires = exp
+		}
+		// A token already expired by its own claim, yet accepted (clock
+		// skew, the API server's leeway), is not cached.
+		if expires.After(start) {
+			a.cache.add(key, f.caller, expires)
+		}
+	}
+	delete(a.inflight, key)
+	a.mu.Unlock()
+	close(f.done)
+}
+
+// review asks the API server about token.
+func (a *Authenticator) review(ctx context.Context, token string, key tokenHash) (identity.Caller, error) {
+	subject := "token-sha256:" + hex.EncodeToString(key[:4])
+	req := &authenticationv1.TokenReview{Spec: authenticationv1.TokenReviewSpec{
+		Token:     token,
+		Audiences: slices.Clone(a.audiences),
+	}}
+	res, err := a.reviews.TokenReviews().Create(ctx, req, metav1.CreateOptions{})
+	if err == nil && res == nil {
+		err = errors.New("empty TokenReview response")
+	}
+	if err != nil {
+		a.metrics.reviews.WithLabelValues(resultUnavailable).Inc()
+		forbidden, timedOut := apierrors.IsForbidden(err), errors.Is(err, context.DeadlineExceeded)
+		err = redactError(err, token)
+		a.log.LogAttrs(ctx, slog.LevelWarn, "token review failed",
+			slog.String("subject", subject), slog.Any("error", err))
+		switch {
+		case forbidden:
+			return identity.Caller{}, authError(identity.ReasonUnavailable, err, "the Kubernetes API server does not let meshca review tokens (its service account needs create on tokenreviews.authentication.k8s.io)")
+		case timedOut:
+			return identity.Caller{}, authError(identity.ReasonUnavailable, err, "cannot reach the Kubernetes API server to review the token: no answer within %s", a.timeout)
+		}
+		return identity.Caller{}, authError(identity.ReasonUnavailable, err, "cannot reach the Kubernetes API server to review the token")
+	}
+
+	caller, err := a.accept(res.Status, token, subject)
+	if err != nil {
+		a.metrics.reviews.WithLabelValues(resultRefused).Inc()
+		a.log.LogAttrs(ctx, slog.LevelDebug, "token review refused",
+			slog.String("subject", subject), slog.Any("error", err))
+		return identity.Caller{}, err
+	}
+	a.metrics.reviews.WithLabelValues(resultAccepted).Inc()
+	return caller, nil
+}
+
+// accept turns the status of a review into the caller it authenticates.
+func (a *Authenticator) accept(st authenticationv1.TokenReviewStatus, token, subject string) (identity.Caller, error) {
+	if !st.Authenticated {
+		if msg := truncate(redact(st.Error, token), maxStatusError); msg != "" {
+			return identity.Caller{}, authError(identity.ReasonUnknownToken, nil, "service-account token refused by the API server for audiences %q: %s", a.audiences, msg)
+		}
+		return identity.Caller{}, authError(identity.ReasonUnknownToken, nil, "service-account token refused by the API server for audiences %q", a.audiences)
+	}
+	// An API server that ignores spec.audiences answers with none, and
+	// one that checked them answers with those the token is valid for:
+	// only the second proves the token was made for this CA.
+	if !slices.ContainsFunc(st.Audiences, func(aud string) bool { return slices.Contains(a.audiences, aud) }) {
+		return identity.Caller{}, authError(identity.ReasonUnknownToken, nil, "token is valid for audiences %q, none of %q; present a projected service-account token with one of them", st.Audiences, a.audiences)
+	}
+	ns, sa, err := splitServiceAccount(st.User.Username)
+	if err != nil {
+		return identity.Caller{}, err
+	}
+	id, err := identity.WorkloadID(a.trustDomain, ns, sa)
+	if err != nil {
+		return identity.Caller{}, authError(identity.ReasonUnknownToken, err, "service account %s/%s has no SPIFFE ID", ns, sa)
+	}
+	return identity.Caller{
+		ID:      id,
+		Method:  identity.MethodKubernetesToken,
+		Subject: "sa:" + ns + "/" + sa + " " + subject,
+	}, nil
+}
+
+// splitServiceAccount returns the namespace and name of a service
+// account's user name, system:serviceaccount:<namespace>:<name>.
+func splitServiceAccount(username string) (namespace, name string, err error) {
+	rest, ok := strings.CutPrefix(username, serviceAccountPrefix)
+	if !ok {
+		return "", "", authError(identity.ReasonUnknownToken, nil, "token authenticates user %q, not a service account; present a service-account token", username)
+	}
+	namespace, name, ok = strings.Cut(rest, ":")
+	if !ok || len(validation.IsDNS1123Label(namespace)) > 0 || len(validation.IsDNS1123Subdomain(name)) > 0 {
+		return "", "", authError(identity.ReasonUnknownToken, nil, "token authenticates %q, which is not %s<namespace>:<name> with a valid namespace and name", username, serviceAccountPrefix)
+	}
+	return namespace, name, nil
+}
+
+// redact removes the token, and any of its segments, from a message of
+// the API server: one that quotes what it was sent must not carry the
+// token into errors and logs.
+func redact(msg, token string) string {
+	msg = strings.ReplaceAll(msg, token, "<token>")
+	for seg := range strings.SplitSeq(token, ".") {
+		if len(seg) >= 8 {
+			msg = strings.ReplaceAll(msg, seg, "<token>")
+		}
+	}
+	return msg
+}
+
+// truncate bounds msg to n bytes, cut at a character boundary.
+func truncate(msg string, n int) string {
+	if len(msg) <= n {
+		return msg
+	}
+	return strings.ToValidUTF8(msg[:n], "") + "..."
+}
+
+// redactError returns err, or when its message holds a part of the token,
+// an error with that part removed. The redacted error wraps nothing: what
+// err wrapped would still print the token.
+func redactError(err error, token string) error {
+	msg := err.Error()
+	if r := redact(msg, token); r != msg {
+		return errors.New(r)
+	}
+	return err
+}
