@@ -73,8 +73,10 @@ func (k *kubeEnv) authenticator(cfg *completeConfig, reg prometheus.Registerer) 
 
 // startKubernetes starts what Kubernetes mode adds to every replica
 // (following the leader's changes to the shared authorities) and the
-// leader election, whose winner rotates and publishes bundles.
-func startKubernetes(ctx context.Context, k *kubeEnv, cfg *completeConfig, c *ca.CA, store ca.Store, manager *rotation.Manager, reg prometheus.Registerer) (*leader.Elector, error) {
+// leader election, whose winner rotates and publishes bundles. done is
+// closed when the election has stopped, after ctx is done, its Lease
+// released.
+func startKubernetes(ctx context.Context, k *kubeEnv, cfg *completeConfig, c *ca.CA, store ca.Store, manager *rotation.Manager, reg prometheus.Registerer, done chan<- struct{}) (*leader.Elector, error) {
 	work := leaderWork{ca: c, manager: manager, log: k.log}
 	if ks, ok := store.(*kubestore.Store); ok {
 		work.store = ks
@@ -94,6 +96,7 @@ func startKubernetes(ctx context.Context, k *kubeEnv, cfg *completeConfig, c *ca
 		return nil, err
 	}
 	go func() {
+		defer close(done)
 		if err := elector.Run(ctx); err != nil {
 			k.log.Error("leader election stopped", "error", err)
 		}

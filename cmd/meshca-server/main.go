@@ -183,12 +183,14 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 	// adminLeader says who may run rotation steps: this replica, unless
 	// replicas elect a leader.
 	var adminLeader func() (bool, string)
+	electionDone := make(chan struct{})
 	if kube == nil {
+		close(electionDone)
 		if manager != nil {
 			go func() { _ = manager.Run(ctx) }()
 		}
 	} else {
-		elector, err := startKubernetes(ctx, kube, cfg, c, store, manager, reg)
+		elector, err := startKubernetes(ctx, kube, cfg, c, store, manager, reg, electionDone)
 		if err != nil {
 			return err
 		}
@@ -257,7 +259,7 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 		}()
 	}
 
-	errc := make(chan error, 2)
+	errc := make(chan error, 3) // gRPC, health and admin servers
 	go func() { errc <- g.Serve(lis) }()
 
 	var health *grpc.Server
@@ -322,6 +324,13 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
 		_ = metricsSrv.Shutdown(sctx)
+	}
+	// The leader hands its Lease over as it stops, so that another replica
+	// takes over at once rather than after the Lease expires.
+	select {
+	case <-electionDone:
+	case <-time.After(shutdownGrace):
+		log.Warn("leader election did not stop in time; the Lease will expire on its own")
 	}
 	log.Info("stopped")
 	return nil
