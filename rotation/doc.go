@@ -38,9 +38,14 @@
 //
 // The first certificate is got with Options.Token, sent as
 // "authorization: Bearer" metadata; renewals present the current SVID as
-// the TLS client certificate and send no token. The token is sent again
-// only when the source holds no valid SVID (renewals failed until it
-// expired).
+// the TLS client certificate and send no token. The SVID is presented only
+// while the server would take it: it has not expired and it verifies
+// against the bundle the source holds. The token is sent again, with no
+// client certificate, when the source holds no such SVID (renewals failed
+// until it expired, or its root left the bundle), and on the attempt after
+// the server refused the SVID as Unauthenticated (its root was retired and
+// the watch has not told the source yet); should that attempt fail too,
+// the next presents the SVID again.
 //
 // Run takes a Dialer rather than one connection, and dials anew for every
 // Sign request: a TLS client certificate is fixed for a connection's life,
@@ -59,8 +64,11 @@
 // with backoff. Bundles are swapped in only when their sequence is higher
 // than the held one's, from the watch or from a Sign response; every Sign
 // request reports the held sequence, so the server can tell how far a new
-// root has propagated. When a new bundle no longer verifies the current
-// SVID (its root was retired early), the SVID is renewed at once.
+// root has propagated. When the bundle no longer verifies the current
+// SVID (its root was retired early), the SVID is renewed at once, with the
+// token; this holds whichever of a Sign response and the watch brings its
+// part last. An Options.InitialSVID that does not verify against
+// Options.InitialBundle is ignored, and logged.
 //
 // # Time
 //
@@ -68,6 +76,12 @@
 // run a day of renewals in milliseconds with a fake clock. The one
 // exception is Options.RequestTimeout, a gRPC deadline, which gRPC measures
 // on the real clock.
+//
+// Timers run on the monotonic clock, which stops while the machine is
+// suspended or the VM paused, while renew points and expiries are wall
+// times. So while it waits the source also reads the wall clock every
+// minute: a renewal due during a suspend is made within a minute of the
+// resume.
 //
 // # The CA's authorities
 //

@@ -16,6 +16,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -73,10 +74,16 @@ func (s *Source) renewLoop(ctx context.Context, dial Dialer) {
 		case <-s.renewal:
 		default:
 		}
-		err := s.renew(ctx, dial)
+		method, err := s.renew(ctx, dial)
 		if ctx.Err() != nil {
 			return
 		}
+		// When the server refused the SVID, the next attempt sends the
+		// token instead. The server can refuse an SVID the source still
+		// trusts: its root was retired, and the watch has not told the
+		// source yet. One attempt only: should the token fail too, the
+		// next one tries the SVID again.
+		s.certRefused.Store(method == methodMTLS && status.Code(err) == codes.Unauthenticated)
 		if err == nil {
 			failures = 0
 			wait = s.untilRenewal()
@@ -98,22 +105,55 @@ func (s *Source) untilRenewal() time.Duration {
 	return max(renewAt.Sub(s.clock.Now()), 0)
 }
 
+// maxSleep is the longest the source sleeps without looking at the wall
+// clock.
+const maxSleep = time.Minute
+
 // sleep waits d on the clock, or less when wake receives. It reports
 // false when ctx is done first.
+//
+// Timers run on the monotonic clock, which stops while the machine is
+// suspended or the VM paused: a timer for the whole wait would fire that
+// much late, past the renew point and perhaps past the certificate's
+// expiry. So the wall clock is read every maxSleep too, and the sleep ends
+// once d has passed by either clock: at most maxSleep after a resume.
 func (s *Source) sleep(ctx context.Context, d time.Duration, wake <-chan struct{}) bool {
 	if d <= 0 {
 		return ctx.Err() == nil
 	}
+	deadline := s.wallNow().Add(d)
+	// The check is armed before the timer, so that a fake clock that
+	// reports the timer has both. After's timer need not be stopped: it
+	// is collected once it fires, a minute at most after the sleep. A
+	// wait no longer than maxSleep needs none.
+	var check <-chan time.Time
+	if d > maxSleep {
+		check = s.clock.After(maxSleep)
+	}
 	t := s.clock.NewTimer(d)
 	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C():
-	case <-wake:
+	for {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-t.C():
+			return true
+		case <-wake:
+			return true
+		case <-check:
+			left := deadline.Sub(s.wallNow())
+			if left <= 0 {
+				return true
+			}
+			check = s.clock.After(min(left, maxSleep))
+		}
 	}
-	return true
 }
+
+// wallNow returns the clock's time without its monotonic reading, so that
+// durations between such times are measured on the wall clock, which goes
+// on while the machine sleeps.
+func (s *Source) wallNow() time.Time { return s.clock.Now().Round(0) }
 
 func (s *Source) logFailure(ctx context.Context, err error, failures int, wait time.Duration) {
 	level := slog.LevelWarn
@@ -134,30 +174,42 @@ func (s *Source) logFailure(ctx context.Context, err error, failures int, wait t
 	s.log.LogAttrs(ctx, level, "getting an X509-SVID failed", attrs...)
 }
 
-// renew asks for a new SVID and swaps it in.
-func (s *Source) renew(ctx context.Context, dial Dialer) error {
+// The credentials of a renewal, as logged.
+const (
+	methodMTLS  = "mtls"  // the current SVID, as the TLS client certificate
+	methodToken = "token" // Options.Token, and no client certificate
+	methodNone  = "none"  // neither
+)
+
+// renew asks for a new SVID and swaps it in. It returns the credential it
+// chose, one of the methods above ("" when it failed before choosing).
+func (s *Source) renew(ctx context.Context, dial Dialer) (string, error) {
 	key, err := s.newKey()
 	if err != nil {
-		return fmt.Errorf("rotation: generating a key: %w", err)
+		return "", fmt.Errorf("rotation: generating a key: %w", err)
 	}
 	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{URIs: []*url.URL{s.id.URL()}}, key)
 	if err != nil {
-		return fmt.Errorf("rotation: creating the CSR: %w", err)
+		return "", fmt.Errorf("rotation: creating the CSR: %w", err)
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.requestTimeout)
 	defer cancel()
 
-	method := "mtls"
-	if s.validCert() == nil {
-		// No valid SVID to present: authenticate with the token, if any.
-		method = "none"
+	// The client certificate is chosen at the handshake by the same rules
+	// (getClientCertificate): the SVID when it can authenticate, and not
+	// on the attempt after the server refused it.
+	method := methodMTLS
+	if s.certRefused.Load() || s.usableCert() == nil {
+		// No SVID the server would take: authenticate with the token, if
+		// any.
+		method = methodNone
 		if s.token != nil {
 			token, err := s.token(ctx)
 			if err != nil {
-				return fmt.Errorf("rotation: getting the token: %w", err)
+				return method, fmt.Errorf("rotation: getting the token: %w", err)
 			}
 			if token != "" {
-				method = "token"
+				method = methodToken
 				ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
 			}
 		}
@@ -168,23 +220,22 @@ func (s *Source) renew(ctx context.Context, dial Dialer) error {
 	}
 	conn, err := dial(ctx)
 	if err != nil {
-		return fmt.Errorf("rotation: connecting to the CA: %w", err)
+		return method, fmt.Errorf("rotation: connecting to the CA: %w", err)
 	}
 	defer conn.Close()
 	resp, err := meshcav1.NewCertificateServiceClient(conn).Sign(ctx, req)
 	if err != nil {
-		return fmt.Errorf("rotation: Sign: %w", err)
+		return method, fmt.Errorf("rotation: Sign: %w", err)
 	}
 
 	svid, bundle, seq, err := s.check(resp, key)
 	if err != nil {
-		return err
+		return method, err
 	}
 	now := s.clock.Now()
 	leaf := svid.Certificates[0]
 	renewAt := s.renewPoint(leaf, now, true)
-	bundleChanged := bundle != nil && s.setBundle(bundle, seq)
-	s.setSVID(svid, renewAt)
+	bundleChanged, stale := s.swap(svid, renewAt, bundle, seq)
 	s.log.LogAttrs(ctx, slog.LevelInfo, "X509-SVID issued",
 		slog.String("method", method),
 		slog.String("serial", leaf.SerialNumber.Text(16)),
@@ -193,7 +244,12 @@ func (s *Source) renew(ctx context.Context, dial Dialer) error {
 	if bundleChanged {
 		s.log.LogAttrs(ctx, slog.LevelInfo, "trust bundle updated", slog.String("from", "sign"), slog.Uint64("sequence", seq))
 	}
-	return nil
+	if stale != nil {
+		// The watch swapped in a newer bundle between check and swap.
+		s.log.LogAttrs(ctx, slog.LevelWarn, "the new X509-SVID does not verify against a bundle that arrived meanwhile; renewing now",
+			slog.Any("error", stale))
+	}
+	return method, nil
 }
 
 // check validates a Sign response for key. It returns the SVID, and the

@@ -50,7 +50,9 @@ const bootstrapToken = "s3cret-bootstrap-token"
 const realTimeout = 5 * time.Second
 
 // timerClock is a fake clock that reports every timer the source starts,
-// so that a test can step exactly to the source's next wake-up.
+// so that a test can step exactly to the source's next wake-up. Each of the
+// source's waits is one timer, for the whole wait; the source's checks of
+// the wall clock every minute meanwhile use After, which is not reported.
 type timerClock struct {
 	*clocktesting.FakeClock
 	timers chan startedTimer
@@ -72,12 +74,6 @@ func (c *timerClock) NewTimer(d time.Duration) clock.Timer {
 	t := c.FakeClock.NewTimer(d)
 	c.timers <- startedTimer{d: d, deadline: c.Now().Add(d)}
 	return t
-}
-
-func (c *timerClock) After(d time.Duration) <-chan time.Time {
-	ch := c.FakeClock.After(d)
-	c.timers <- startedTimer{d: d, deadline: c.Now().Add(d)}
-	return ch
 }
 
 // next returns the next timer the source starts; once it is returned, the
@@ -122,13 +118,14 @@ type fakeCA struct {
 	meshcav1.UnimplementedCertificateServiceServer
 	meshcav1.UnimplementedBundleServiceServer
 
-	clock *timerClock
+	clock clock.PassiveClock
 	root  *testca.CA
 
 	mu            sync.Mutex
 	issuer        *testca.CA
 	bundle        *meshcav1.TrustBundle
 	down          bool // Sign fails with Unavailable
+	refuseCerts   bool // Sign with a client certificate fails with Unauthenticated
 	tamper        func(*leafRequest)
 	refuseWatches int                                     // the next watches fail at once
 	watchers      map[chan *meshcav1.TrustBundle]struct{} // one per open watch
@@ -224,7 +221,16 @@ func (f *fakeCA) Sign(ctx context.Context, req *meshcav1.SignRequest) (*meshcav1
 			call.peerCerts = info.State.PeerCertificates
 		}
 	}
-	resp, err := f.signLocked(req)
+	var (
+		resp *meshcav1.SignResponse
+		err  error
+	)
+	if f.refuseCerts && len(call.peerCerts) > 0 {
+		// As meshca-server refuses an SVID under a root it retired.
+		err = status.Error(codes.Unauthenticated, "client certificate does not verify against the trust bundle")
+	} else {
+		resp, err = f.signLocked(req)
+	}
 	if err == nil {
 		call.issued, _ = x509.ParseCertificate(resp.CertChain[0])
 	}
@@ -343,6 +349,14 @@ func (f *fakeCA) setDown(down bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.down = down
+}
+
+// setRefuseCerts makes Sign refuse, or accept again, callers that present
+// a client certificate.
+func (f *fakeCA) setRefuseCerts(refuse bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.refuseCerts = refuse
 }
 
 func (f *fakeCA) setTamper(tamper func(*leafRequest)) {

@@ -2,12 +2,14 @@ package rotation_test
 
 import (
 	"context"
+	"crypto/x509"
 	"log/slog"
 	"net"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/stretchr/testify/require"
 
 	"github.com/meshca/meshca/ca"
@@ -17,7 +19,10 @@ import (
 )
 
 // meshcaServer starts meshca's real server on loopback, on clk, with a
-// bootstrap token for workloadID, and returns its address and CA.
+// bootstrap token for workloadID, and returns its address and CA. As in
+// production, a caller's token is tried before its client certificate, so
+// that a caller whose SVID the server refuses (under a retired root) can
+// recover with its token.
 func meshcaServer(t *testing.T, clk *timerClock) (string, *ca.CA) {
 	t.Helper()
 	set, err := ca.NewSelfSigned(ca.AuthorityOptions{TrustDomain: sourceTD, Clock: clk})
@@ -92,4 +97,69 @@ func TestRunAgainstMeshcaServer(t *testing.T) {
 	}
 	require.Empty(t, h.logs.find("getting an X509-SVID failed"))
 	require.Equal(t, seq, src.BundleSequence())
+}
+
+// TestRunRecoversFromARetiredRootAgainstMeshcaServer retires the root of
+// the source's SVID at once against meshca's own server, which verifies a
+// renewing SVID against its live bundle and refuses one under a root that
+// left it: the CA moves to a new authority set whose only root is B. The
+// bundle stream brings B, and the source, whose SVID under A no longer
+// verifies, renews at once with the token instead of presenting an SVID
+// the server would refuse; the renewal after that is over mTLS again.
+func TestRunRecoversFromARetiredRootAgainstMeshcaServer(t *testing.T) {
+	h := &sourceHarness{logs: &logRecorder{}, start: time.Now().Truncate(time.Second)}
+	h.clock = newTimerClock(h.start)
+	addr, c := meshcaServer(t, h.clock)
+	bundleA, seqA := c.Bundle()
+	src, err := rotation.NewSource(rotation.Options{
+		ID:            workloadID,
+		InitialBundle: bundleA,
+		Token:         func(context.Context) (string, error) { return bootstrapToken, nil },
+		TTL:           time.Hour,
+		Clock:         h.clock,
+		Rand:          zeroRand,
+		Logger:        slog.New(h.logs.handler()),
+	})
+	require.NoError(t, err)
+	h.src = src
+	h.run(t, src.Dialer("passthrough:///"+addr, caServerID))
+	h.clock.next(t) // the first SVID's renew point, 27 minutes away
+	first := h.svid(t).Certificates[0]
+	require.Eventually(t, func() bool { return src.BundleSequence() == seqA }, realTimeout, time.Millisecond, "the bundle watch runs")
+
+	setB, err := ca.NewSelfSigned(ca.AuthorityOptions{TrustDomain: sourceTD, Clock: h.clock})
+	require.NoError(t, err)
+	setB.Sequence = seqA + 1
+	setB.Roots[0].BundleSequence = setB.Sequence
+	require.NoError(t, c.SetAuthorities(setB))
+	bundleB, seqB := c.Bundle()
+	require.Equal(t, []*x509.Certificate{setB.Roots[0].Cert}, bundleB.X509Authorities())
+
+	// Each attempt ends with a timer: the next renew point, or a retry.
+	underB := func() bool {
+		svid, err := src.GetX509SVID()
+		if err != nil {
+			return false
+		}
+		_, _, err = x509svid.Verify(svid.Certificates, bundleB, x509svid.WithTime(h.clock.Now()))
+		return err == nil
+	}
+	tm := h.clock.next(t)
+	for attempts := 1; !underB(); attempts++ {
+		require.Less(t, attempts, 2, "no SVID under the new root after %d renew attempts", attempts)
+		h.clock.fire(tm)
+		tm = h.clock.next(t)
+	}
+	require.Equal(t, seqB, src.BundleSequence())
+	second := h.svid(t).Certificates[0]
+	require.NotEqual(t, first.SerialNumber, second.SerialNumber)
+
+	// The next renewal presents the SVID under B.
+	h.clock.fire(tm)
+	h.clock.next(t)
+	require.True(t, underB())
+	issued := h.logs.find("X509-SVID issued")
+	require.Len(t, issued, 3)
+	require.Equal(t, []string{"token", "token", "mtls"}, []string{issued[0].attrs["method"], issued[1].attrs["method"], issued[2].attrs["method"]})
+	require.Equal(t, second.SerialNumber.Text(16), issued[1].attrs["serial"])
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -352,6 +353,9 @@ func TestRunRenewsAtOnceWhenTheRootLeavesTheBundle(t *testing.T) {
 	require.Len(t, calls, 2)
 	require.Equal(t, h.start, calls[1].at, "renewed without waiting for the renew point")
 	require.Equal(t, uint64(2), calls[1].bundleSeq)
+	// The SVID under the retired root no longer verifies against the held
+	// bundle: the server would refuse it, so the token is sent instead.
+	require.Equal(t, bootstrapToken, calls[1].token)
 	svid := h.svid(t)
 	require.NotEqual(t, first.SerialNumber, svid.Certificates[0].SerialNumber)
 	_, _, err := x509svid.Verify(svid.Certificates, h.src, x509svid.WithTime(h.clock.Now()))
@@ -389,6 +393,27 @@ func TestRunWithAnInitialSVID(t *testing.T) {
 		require.Equal(t, h.start, calls[0].at)
 		require.Empty(t, calls[0].token)
 	})
+	t.Run("under a root not in the initial bundle: ignored", func(t *testing.T) {
+		h := newSourceFixture(t)
+		life := testca.WithLifetime(h.start.Add(-time.Hour), h.start.Add(72*time.Hour))
+		oldRoot := testca.New(t, sourceTD, life)
+		initial := oldRoot.ChildCA(life).CreateX509SVID(workloadID, testca.WithLifetime(h.start.Add(-10*time.Minute), h.start.Add(50*time.Minute)))
+		h.newSource(t, rotation.Options{InitialSVID: initial})
+		_, err := h.src.GetX509SVID()
+		require.EqualError(t, err, `rotation: no X509-SVID for "spiffe://example.org/ns/shop/sa/web" yet`)
+		logged := h.logs.find("ignoring the initial X509-SVID: it does not verify against the initial bundle")
+		require.Len(t, logged, 1)
+		require.Equal(t, slog.LevelWarn, logged[0].level)
+		require.Equal(t, initial.Certificates[0].SerialNumber.Text(16), logged[0].attrs["serial"])
+		require.Contains(t, logged[0].attrs["error"], "certificate signed by unknown authority")
+
+		h.run(t, h.ca.serveBufconn(t))
+		h.clock.next(t)
+		calls := h.ca.calls()
+		require.Len(t, calls, 1)
+		require.Equal(t, h.start, calls[0].at)
+		require.Equal(t, bootstrapToken, calls[0].token)
+	})
 	t.Run("expired: ignored", func(t *testing.T) {
 		h := newSourceFixture(t)
 		initial := h.ca.issuer.CreateX509SVID(workloadID, testca.WithLifetime(h.start.Add(-2*time.Hour), h.start.Add(-time.Hour)))
@@ -408,4 +433,147 @@ func earlier(a, b time.Time) time.Time {
 		return a
 	}
 	return b
+}
+
+// TestRunSendsTheTokenAfterTheServerRefusesTheSVID runs the source over
+// TLS against a CA that refuses its SVID as Unauthenticated, as
+// meshca-server does once the SVID's root left its bundle, before the
+// watch has told the source: the next attempt presents no client
+// certificate and sends the token. One attempt only: when that fails too,
+// the next tries the SVID again.
+func TestRunSendsTheTokenAfterTheServerRefusesTheSVID(t *testing.T) {
+	h := newSourceFixture(t)
+	addr := h.ca.serveTLS(t)
+	var tokenFails atomic.Bool
+	h.newSource(t, rotation.Options{
+		Rand: zeroRand,
+		Token: func(context.Context) (string, error) {
+			if tokenFails.Load() {
+				return "", errors.New("token file not mounted")
+			}
+			return bootstrapToken, nil
+		},
+	})
+	h.run(t, h.src.Dialer("passthrough:///"+addr, caServerID))
+	tm := h.clock.next(t)
+	first := h.svid(t).Certificates[0]
+
+	// Refused over mTLS; then the token fails; then refused over mTLS
+	// again; then the token works.
+	h.ca.setRefuseCerts(true)
+	tokenFails.Store(true)
+	for i, want := range []time.Duration{time.Second, 2 * time.Second, 4 * time.Second} {
+		h.clock.fire(tm)
+		tm = h.clock.next(t)
+		require.Equal(t, want, tm.d, "retry %d", i+1)
+		if i == 1 {
+			tokenFails.Store(false)
+		}
+	}
+	h.clock.fire(tm)
+	tm = h.clock.next(t)
+	second := h.svid(t).Certificates[0]
+	require.NotEqual(t, first.SerialNumber, second.SerialNumber)
+	require.WithinDuration(t, second.NotBefore.Add(27*time.Minute), tm.deadline, 0)
+
+	calls := h.ca.calls()
+	require.Len(t, calls, 4, "the first SVID, two refusals and the renewal: the token that failed was never sent")
+	for i, c := range calls[1:3] {
+		require.Nil(t, c.issued, "call %d", i+1)
+		require.Empty(t, c.token, "call %d", i+1)
+		require.NotEmpty(t, c.peerCerts, "call %d", i+1)
+		requireSameCert(t, first, c.peerCerts[0])
+	}
+	require.Equal(t, bootstrapToken, calls[3].token)
+	require.Empty(t, calls[3].peerCerts, "the certificate the server refused is not presented with the token")
+	requireSameCert(t, second, calls[3].issued)
+
+	logged := h.logs.find("getting an X509-SVID failed")
+	require.Len(t, logged, 3)
+	require.Equal(t, "Unauthenticated", logged[0].attrs["code"])
+	require.Equal(t, "rotation: getting the token: token file not mounted", logged[1].attrs["error"])
+	require.Equal(t, "Unauthenticated", logged[2].attrs["code"])
+	issued := h.logs.find("X509-SVID issued")
+	require.Equal(t, "token", issued[len(issued)-1].attrs["method"])
+
+	// The next renewal presents the new SVID, which the CA takes again.
+	h.ca.setRefuseCerts(false)
+	h.clock.fire(tm)
+	h.clock.next(t)
+	calls = h.ca.calls()
+	require.Len(t, calls, 5)
+	require.Empty(t, calls[4].token)
+	require.NotEmpty(t, calls[4].peerCerts)
+	requireSameCert(t, second, calls[4].peerCerts[0])
+}
+
+// suspendClock is the fake clock of a machine that can be suspended: its
+// wall time (Now) jumps ahead while its timers, which run on the monotonic
+// clock, stand still.
+type suspendClock struct {
+	*timerClock
+
+	mu    sync.Mutex
+	slept time.Duration
+}
+
+func (c *suspendClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.timerClock.Now().Add(c.slept)
+}
+
+func (c *suspendClock) Since(t time.Time) time.Duration { return c.Now().Sub(t) }
+
+// suspend moves the wall time d ahead, firing no timer.
+func (c *suspendClock) suspend(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.slept += d
+}
+
+// TestRunRenewsAfterASuspend suspends the machine past the renew point:
+// timers stand still meanwhile, but the source reads the wall clock every
+// minute, so it renews within a minute of the resume rather than when its
+// timer, 27 minutes long, fires.
+func TestRunRenewsAfterASuspend(t *testing.T) {
+	h := newSourceFixture(t)
+	clk := &suspendClock{timerClock: h.clock}
+	h.ca.clock = clk
+	h.newSource(t, rotation.Options{TTL: time.Hour, Rand: zeroRand, Clock: clk})
+	h.run(t, h.ca.serveBufconn(t))
+	tm := h.clock.next(t)
+	first := h.svid(t).Certificates[0]
+	require.WithinDuration(t, first.NotBefore.Add(27*time.Minute), tm.deadline, 0)
+
+	// Suspended for 40 minutes: past the renew point, not the expiry.
+	clk.suspend(40 * time.Minute)
+	require.Len(t, h.ca.calls(), 1)
+	h.clock.Step(time.Minute)
+	h.clock.next(t) // the renewal's renew point
+	calls := h.ca.calls()
+	require.Len(t, calls, 2)
+	require.WithinDuration(t, h.start.Add(41*time.Minute), calls[1].at, 0, "renewed a minute after the resume")
+	require.Empty(t, calls[1].token, "renewed with the SVID, still valid")
+	requireSameCert(t, calls[1].issued, h.svid(t).Certificates[0])
+}
+
+// TestRunWallClockChecksDoNotEndWaitsEarly steps the clock a minute at a
+// time through a renew point: the source renews at the renew point, not
+// at any of the minute checks before it.
+func TestRunWallClockChecksDoNotEndWaitsEarly(t *testing.T) {
+	h := newSourceHarness(t, rotation.Options{TTL: time.Hour, Rand: zeroRand})
+	h.run(t, h.ca.serveBufconn(t))
+	tm := h.clock.next(t)
+	for h.clock.Now().Add(59 * time.Second).Before(tm.deadline) {
+		h.clock.Step(59 * time.Second)
+		// Let the source act on the step, were it to.
+		time.Sleep(time.Millisecond)
+		require.Len(t, h.ca.calls(), 1, "renewed at %s, before the renew point", h.clock.Now().Sub(h.start))
+	}
+	h.clock.fire(tm)
+	h.clock.next(t)
+	calls := h.ca.calls()
+	require.Len(t, calls, 2)
+	require.WithinDuration(t, tm.deadline, calls[1].at, 0)
 }

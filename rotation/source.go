@@ -52,15 +52,19 @@ type Options struct {
 	// an agent wrote to disk before it restarted. While it is valid it is
 	// served, and renewed over mTLS at its renew point, so that a restart
 	// during a CA outage does not leave the workload without a
-	// certificate. Nil means none; an expired one is ignored.
+	// certificate. Nil means none; one that has expired, or that does not
+	// verify against InitialBundle (its root was retired while the agent
+	// was down), is ignored and logged.
 	InitialSVID *x509svid.SVID
 
 	// Token returns the credential for the first certificate: a bootstrap
-	// or service-account token. It is called, and the token sent as
-	// "authorization: Bearer" metadata, only when the source holds no valid
-	// SVID; renewals authenticate with the current SVID over mTLS. Nil, or
-	// an empty token, means no metadata is sent (the connection may carry
-	// credentials of its own).
+	// or service-account token. Renewals authenticate with the current SVID
+	// over mTLS; the token is called, and sent as "authorization: Bearer"
+	// metadata, only when the source holds no SVID that can authenticate
+	// (none yet, expired, or no longer verifying against the held bundle
+	// because its root left it), and on the attempt after the server
+	// refused the SVID as Unauthenticated. Nil, or an empty token, means no
+	// metadata is sent (the connection may carry credentials of its own).
 	Token func(ctx context.Context) (string, error)
 
 	// TTL is the lifetime asked for. Zero means the server's default.
@@ -126,6 +130,11 @@ type Source struct {
 
 	running atomic.Bool
 	renewal chan struct{} // asks the renewal loop to renew now; buffered
+
+	// certRefused is set while the renewal attempt after one the server
+	// refused as Unauthenticated runs, and the backoff before it: that
+	// attempt presents no client certificate, and sends the token.
+	certRefused atomic.Bool
 
 	mu        sync.RWMutex
 	svid      *x509svid.SVID   // nil before the first
@@ -218,10 +227,17 @@ func NewSource(opts Options) (*Source, error) {
 			return nil, err
 		}
 		now := s.clock.Now()
-		if leaf := svid.Certificates[0]; now.Before(leaf.NotAfter) {
-			s.setSVID(svid, s.renewPoint(leaf, now, false))
-		} else {
+		leaf := svid.Certificates[0]
+		switch err := s.verify(svid, opts.InitialBundle); {
+		case !now.Before(leaf.NotAfter):
 			s.log.Info("ignoring the initial X509-SVID: it has expired", slog.Time("not_after", leaf.NotAfter))
+		case err != nil:
+			// Renewing over mTLS with it would be refused: get a new one
+			// with the token instead.
+			s.log.Warn("ignoring the initial X509-SVID: it does not verify against the initial bundle",
+				slog.String("serial", leaf.SerialNumber.Text(16)), slog.Any("error", err))
+		default:
+			s.setSVID(svid, s.renewPoint(leaf, now, false))
 		}
 	}
 	return s, nil
@@ -313,37 +329,77 @@ func (s *Source) WaitUntilReady(ctx context.Context) error {
 	}
 }
 
-// setSVID swaps svid in, to be renewed at renewAt.
-func (s *Source) setSVID(svid *x509svid.SVID, renewAt time.Time) {
-	cert := &tls.Certificate{
-		Certificate: make([][]byte, len(svid.Certificates)),
-		PrivateKey:  svid.PrivateKey,
-		Leaf:        svid.Certificates[0],
-	}
-	for i, c := range svid.Certificates {
-		cert.Certificate[i] = c.Raw
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	first := s.svid == nil
-	s.svid, s.tlsCert, s.renewAt = svid, cert, renewAt
-	if first {
-		close(s.ready)
-	}
-	s.notifyLocked()
+// setSVID swaps svid in, to be renewed at renewAt. See swap for the error.
+func (s *Source) setSVID(svid *x509svid.SVID, renewAt time.Time) error {
+	_, err := s.swap(svid, renewAt, nil, 0)
+	return err
 }
 
 // setBundle swaps bundle in when seq is newer than the held bundle's, and
-// reports whether it did.
-func (s *Source) setBundle(bundle *x509bundle.Bundle, seq uint64) bool {
+// reports whether it did. See swap for the error.
+func (s *Source) setBundle(bundle *x509bundle.Bundle, seq uint64) (bool, error) {
+	return s.swap(nil, time.Time{}, bundle, seq)
+}
+
+// swap swaps in svid, to be renewed at renewAt, unless it is nil, and
+// bundle when it is not nil and seq is newer than the held bundle's; it
+// reports whether the bundle was swapped in.
+//
+// Then, whichever came first, it checks that the held SVID verifies
+// against the held bundle. When it does not (a bundle without its root
+// arrived, from the watch, while the SVID was being issued or after), it
+// asks the renewal loop to renew at once, and returns the verification
+// error; the renewal will send the token, as the server refuses such an
+// SVID. When it does, any such request still pending is withdrawn: it was
+// about an SVID since replaced, or a bundle since replaced. Both checks
+// are made under one lock with both swaps, so the SVID and bundle held
+// at the end are checked together, in whatever order the Sign response
+// and the watch swap theirs in.
+func (s *Source) swap(svid *x509svid.SVID, renewAt time.Time, bundle *x509bundle.Bundle, seq uint64) (bool, error) {
+	var cert *tls.Certificate
+	if svid != nil {
+		cert = &tls.Certificate{
+			Certificate: make([][]byte, len(svid.Certificates)),
+			PrivateKey:  svid.PrivateKey,
+			Leaf:        svid.Certificates[0],
+		}
+		for i, c := range svid.Certificates {
+			cert.Certificate[i] = c.Raw
+		}
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if seq <= s.bundleSeq {
-		return false
+	bundleChanged := bundle != nil && seq > s.bundleSeq
+	if bundleChanged {
+		s.bundle, s.bundleSeq = bundle, seq
 	}
-	s.bundle, s.bundleSeq = bundle, seq
+	if svid != nil {
+		first := s.svid == nil
+		s.svid, s.tlsCert, s.renewAt = svid, cert, renewAt
+		if first {
+			close(s.ready)
+		}
+	}
+	if !bundleChanged && svid == nil {
+		return false, nil
+	}
 	s.notifyLocked()
-	return true
+	if s.svid == nil || !s.clock.Now().Before(s.svid.Certificates[0].NotAfter) {
+		// Nothing to renew early: the renewal loop is already getting one.
+		return bundleChanged, nil
+	}
+	if err := s.verify(s.svid, s.bundle); err != nil {
+		select {
+		case s.renewal <- struct{}{}:
+		default:
+		}
+		return bundleChanged, err
+	}
+	select {
+	case <-s.renewal:
+	default:
+	}
+	return bundleChanged, nil
 }
 
 func (s *Source) notifyLocked() {
@@ -359,14 +415,26 @@ func (s *Source) current() (*x509svid.SVID, *tls.Certificate, time.Time, *x509bu
 	return s.svid, s.tlsCert, s.renewAt, s.bundle, s.bundleSeq
 }
 
-// validCert returns the current SVID as a TLS certificate, or nil when
-// there is none valid now.
-func (s *Source) validCert() *tls.Certificate {
-	_, cert, _, _, _ := s.current()
-	if cert == nil || !s.clock.Now().Before(cert.Leaf.NotAfter) {
+// usableCert returns the current SVID as a TLS certificate when it can
+// authenticate a renewal: it has not expired and its chain verifies
+// against the held bundle, as the server verifies it against its own. It
+// returns nil otherwise: when there is none, when it expired, and when its
+// root has left the bundle. Both the renewal's choice of credential and
+// the TLS client certificate go by it, so a source whose SVID the server
+// would refuse presents none and sends the token.
+func (s *Source) usableCert() *tls.Certificate {
+	svid, cert, _, bundle, _ := s.current()
+	if cert == nil || s.verify(svid, bundle) != nil {
 		return nil
 	}
 	return cert
+}
+
+// verify verifies svid's chain against bundle at verifyTime: it fails once
+// the SVID has expired.
+func (s *Source) verify(svid *x509svid.SVID, bundle *x509bundle.Bundle) error {
+	_, _, err := x509svid.Verify(svid.Certificates, bundle, x509svid.WithTime(s.verifyTime(svid.Certificates[0])))
+	return err
 }
 
 // renewPoint returns when leaf should be renewed: at a jittered fraction of

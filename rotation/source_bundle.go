@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 
-	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc/status"
 
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
@@ -71,27 +70,20 @@ func (s *Source) watchOnce(ctx context.Context, dial Dialer) (bool, error) {
 
 // receiveBundle swaps in a bundle from the watch when it is newer than the
 // held one. When the current SVID no longer verifies against it (its root
-// left the bundle), the SVID is renewed at once.
+// left the bundle), swap asks for a renewal at once.
 func (s *Source) receiveBundle(ctx context.Context, pb *meshcav1.TrustBundle) {
 	bundle, seq, err := s.parseBundle(pb)
 	if err != nil {
 		s.log.LogAttrs(ctx, slog.LevelWarn, "ignoring a bad bundle from the watch", slog.Any("error", fmt.Errorf("rotation: %w", err)))
 		return
 	}
-	if !s.setBundle(bundle, seq) {
+	changed, err := s.setBundle(bundle, seq)
+	if !changed {
 		return
 	}
 	s.log.LogAttrs(ctx, slog.LevelInfo, "trust bundle updated", slog.String("from", "watch"), slog.Uint64("sequence", seq))
-	svid, err := s.GetX509SVID()
 	if err != nil {
-		return
-	}
-	if _, _, err := x509svid.Verify(svid.Certificates, bundle, x509svid.WithTime(s.verifyTime(svid.Certificates[0]))); err != nil {
 		s.log.LogAttrs(ctx, slog.LevelWarn, "the X509-SVID does not verify against the new bundle; renewing now",
 			slog.Uint64("sequence", seq), slog.Any("error", err))
-		select {
-		case s.renewal <- struct{}{}:
-		default:
-		}
 	}
 }

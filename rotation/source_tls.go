@@ -14,10 +14,10 @@ import (
 
 // ClientTLSConfig returns a TLS config for dialing meshca-server. The
 // server must present an X509-SVID of serverID that verifies against the
-// live bundle. The client presents the current SVID when it holds a valid
-// one, and no certificate otherwise (the server then wants a token). Both
-// are read at each handshake, so a config made once serves across
-// rotations:
+// live bundle. The client presents the current SVID when it holds one that
+// has not expired and verifies against the live bundle, and no
+// certificate otherwise (the server then wants a token). Both are read at
+// each handshake, so a config made once serves across rotations:
 //
 //	creds := credentials.NewTLS(src.ClientTLSConfig(serverID))
 func (s *Source) ClientTLSConfig(serverID spiffeid.ID) *tls.Config {
@@ -59,9 +59,14 @@ func (s *Source) verifyServer(serverID spiffeid.ID) func([][]byte, [][]*x509.Cer
 }
 
 // getClientCertificate is a tls.Config.GetClientCertificate: the current
-// SVID, or none (an empty certificate) while there is no valid one.
+// SVID when it can authenticate a renewal (usableCert), and none (an empty
+// certificate) otherwise, or while the renewal after one the server
+// refused runs.
 func (s *Source) getClientCertificate(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
-	if cert := s.validCert(); cert != nil {
+	if s.certRefused.Load() {
+		return &tls.Certificate{}, nil
+	}
+	if cert := s.usableCert(); cert != nil {
 		return cert, nil
 	}
 	return &tls.Certificate{}, nil

@@ -101,6 +101,30 @@ func TestClientTLSConfig(t *testing.T) {
 	require.Empty(t, peers)
 }
 
+// TestClientTLSConfigPresentsOnlyAnSVIDThatVerifies retires the root of
+// the source's SVID: the SVID is still valid, and still served to peers,
+// but the server would refuse it, so the client presents none.
+func TestClientTLSConfigPresentsOnlyAnSVIDThatVerifies(t *testing.T) {
+	h := newSourceHarness(t, rotation.Options{Rand: zeroRand})
+	cfg := h.src.ClientTLSConfig(caServerID)
+	h.run(t, h.ca.serveBufconn(t))
+	h.clock.next(t)
+	first := h.svid(t)
+
+	// The bundle now holds only root2; the CA still signs under the old
+	// root, so no renewal succeeds and the source keeps its SVID.
+	life := testca.WithLifetime(h.start.Add(-time.Hour), h.start.Add(72*time.Hour))
+	root2 := testca.New(t, sourceTD, life)
+	h.ca.setBundle(bundleMsg(2, root2))
+	h.waitFor(t, "bundle 2", func() bool { return h.src.BundleSequence() == 2 })
+	h.clock.next(t) // the retry of the refused renewal
+	requireSameCert(t, first.Certificates[0], h.svid(t).Certificates[0])
+
+	peers, err := handshake(t, cfg, root2.ChildCA(life).CreateX509SVID(caServerID))
+	require.NoError(t, err)
+	require.Empty(t, peers)
+}
+
 func TestClientTLSConfigVerifiesTheServer(t *testing.T) {
 	h := newSourceHarness(t, rotation.Options{})
 	cfg := h.src.ClientTLSConfig(caServerID)
