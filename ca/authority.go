@@ -138,34 +138,30 @@ func (s *AuthoritySet) Validate(now time.Time) error {
 	if len(s.Roots) == 0 {
 		return errors.New("ca: authority set has no root")
 	}
-	if s.Issuer.Cert == nil || s.Issuer.Signer == nil {
-		return errors.New("ca: authority set has no issuer certificate and key")
+	if err := s.Issuer.validateIssuer(now); err != nil {
+		return err
 	}
 	iss := s.Issuer.Cert
-	if !iss.IsCA || iss.KeyUsage&x509.KeyUsageCertSign == 0 {
-		return errors.New("ca: issuer certificate is not a CA with keyCertSign")
-	}
-	if !publicKeysEqual(iss.PublicKey, s.Issuer.Signer.Public()) {
-		return errors.New("ca: issuer key does not match the issuer certificate")
-	}
-	if now.Before(iss.NotBefore) || !now.Before(iss.NotAfter) {
-		return fmt.Errorf("ca: issuer certificate is not valid now (valid %s to %s)", iss.NotBefore.UTC().Format(time.RFC3339), iss.NotAfter.UTC().Format(time.RFC3339))
-	}
-	roots := x509.NewCertPool()
-	active := 0
+	var active []Root
 	for _, r := range s.Roots {
 		if !r.Cert.IsCA {
 			return fmt.Errorf("ca: root %q is not a CA certificate", r.Cert.Subject)
 		}
 		switch r.State {
 		case RootActive:
-			active++
+			active = append(active, r)
 		case RootPrepared, RootRetiring:
 		default:
 			return fmt.Errorf("ca: root %q has unknown state %q", r.Cert.Subject, r.State)
 		}
-		roots.AddCert(r.Cert)
 	}
+	if len(active) != 1 {
+		return fmt.Errorf("ca: authority set has %d active roots; want exactly one", len(active))
+	}
+	// The issuer chains to the active root itself: not to a prepared root
+	// peers may not trust yet, nor to a retiring one about to leave.
+	roots := x509.NewCertPool()
+	roots.AddCert(active[0].Cert)
 	inters := x509.NewCertPool()
 	for _, c := range s.Chain {
 		inters.AddCert(c)
@@ -176,10 +172,30 @@ func (s *AuthoritySet) Validate(now time.Time) error {
 		CurrentTime:   now,
 		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageAny},
 	}); err != nil {
-		return fmt.Errorf("ca: issuer does not chain to a root of the bundle: %w", err)
+		return fmt.Errorf("ca: issuer does not chain to the active root: %w", err)
 	}
-	if active != 1 {
-		return fmt.Errorf("ca: authority set has %d active roots; want exactly one", active)
+	if s.NextIssuer != nil {
+		if s.NextIssuer.Signer == nil || s.NextIssuer.Cert.CheckSignatureFrom(active[0].Cert) != nil {
+			return errors.New("ca: the prepared next issuer is not signed by the active root, or its key is missing")
+		}
+	}
+	return nil
+}
+
+// validateIssuer checks that a is a CA certificate valid now whose key is
+// held and matches.
+func (a Authority) validateIssuer(now time.Time) error {
+	if a.Cert == nil || a.Signer == nil {
+		return errors.New("ca: authority set has no issuer certificate and key")
+	}
+	if !a.Cert.IsCA || a.Cert.KeyUsage&x509.KeyUsageCertSign == 0 {
+		return errors.New("ca: issuer certificate is not a CA with keyCertSign")
+	}
+	if !publicKeysEqual(a.Cert.PublicKey, a.Signer.Public()) {
+		return errors.New("ca: issuer key does not match the issuer certificate")
+	}
+	if now.Before(a.Cert.NotBefore) || !now.Before(a.Cert.NotAfter) {
+		return fmt.Errorf("ca: issuer certificate is not valid now (valid %s to %s)", a.Cert.NotBefore.UTC().Format(time.RFC3339), a.Cert.NotAfter.UTC().Format(time.RFC3339))
 	}
 	return nil
 }

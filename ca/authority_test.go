@@ -238,7 +238,7 @@ func TestValidate(t *testing.T) {
 				set.Roots = newIssuer(t, now).AuthoritySet().Roots
 				return set
 			},
-			wantErr: "ca: issuer does not chain to a root of the bundle: ",
+			wantErr: "ca: issuer does not chain to the active root: ",
 			partial: true,
 			wantAs:  &x509.UnknownAuthorityError{},
 		},
@@ -249,7 +249,7 @@ func TestValidate(t *testing.T) {
 				set.Chain = nil
 				return set
 			},
-			wantErr: "ca: issuer does not chain to a root of the bundle: ",
+			wantErr: "ca: issuer does not chain to the active root: ",
 			partial: true,
 			wantAs:  &x509.UnknownAuthorityError{},
 		},

@@ -60,16 +60,12 @@ func csrErrorf(reason CSRReason, err error, format string, args ...any) *CSRErro
 	return &CSRError{Reason: reason, msg: fmt.Sprintf(format, args...), err: err}
 }
 
-// CSRPolicy says what a CSR may ask for beyond the SPIFFE ID. The zero
-// value is the X509-SVID workload policy: exactly one URI SAN and nothing
-// else.
+// CSRPolicy bounds what ParseCSR accepts. The zero value is the default.
+// Whatever the policy, a CSR carries exactly one URI SAN, its SPIFFE ID,
+// and nothing else.
 type CSRPolicy struct {
 	// MaxSize is the largest CSR accepted; zero means MaxCSRSize.
 	MaxSize int
-
-	// AllowDNSNames lets a CSR carry DNS SANs (copied into the
-	// certificate).
-	AllowDNSNames bool
 }
 
 // CSR is a parsed, verified certificate signing request.
@@ -79,9 +75,6 @@ type CSR struct {
 
 	// PublicKey is the requester's key, of a supported type and size.
 	PublicKey any
-
-	// DNSNames are the DNS SANs asked for, if the policy allows them.
-	DNSNames []string
 
 	// Raw is the parsed request.
 	Raw *x509.CertificateRequest
@@ -130,14 +123,12 @@ func ParseCSR(raw []byte, td spiffeid.TrustDomain, policy CSRPolicy) (*CSR, erro
 	if err != nil {
 		return nil, err
 	}
-	if len(req.IPAddresses) > 0 || len(req.EmailAddresses) > 0 || (len(req.DNSNames) > 0 && !policy.AllowDNSNames) {
+	// A DNS SAN a front end needs (Linkerd's identity name) is derived from
+	// the credential and checked by that front end, never copied from here.
+	if len(req.DNSNames) > 0 || len(req.IPAddresses) > 0 || len(req.EmailAddresses) > 0 {
 		return nil, csrErrorf(ReasonForbiddenSAN, nil, "CSR asks for DNS, IP or email SANs; an X509-SVID request carries only its SPIFFE ID")
 	}
-	csr := &CSR{ID: id, PublicKey: req.PublicKey, Raw: req}
-	if policy.AllowDNSNames {
-		csr.DNSNames = req.DNSNames
-	}
-	return csr, nil
+	return &CSR{ID: id, PublicKey: req.PublicKey, Raw: req}, nil
 }
 
 func csrDER(raw []byte) ([]byte, error) {

@@ -195,16 +195,6 @@ func TestParseCSR(t *testing.T) {
 			wantKey: p256.Public(),
 		},
 		{
-			name: "DNS SANs allowed by the policy",
-			raw: testca.SignCSR(t, &x509.CertificateRequest{
-				URIs:     []*url.URL{workloadID.URL()},
-				DNSNames: []string{"web.default.svc", "web"},
-			}, p256),
-			policy:  ca.CSRPolicy{AllowDNSNames: true},
-			wantKey: p256.Public(),
-			wantDNS: []string{"web.default.svc", "web"},
-		},
-		{
 			name: "basicConstraints CA=false",
 			raw: testca.SignCSR(t, &x509.CertificateRequest{
 				URIs:            []*url.URL{workloadID.URL()},
@@ -235,7 +225,6 @@ func TestParseCSR(t *testing.T) {
 			require.NoError(t, err)
 			require.Equal(t, workloadID, csr.ID)
 			require.True(t, tt.wantKey.(interface{ Equal(crypto.PublicKey) bool }).Equal(csr.PublicKey), "public key differs")
-			require.Equal(t, tt.wantDNS, csr.DNSNames)
 			require.NotNil(t, csr.Raw)
 			require.NoError(t, csr.Raw.CheckSignature())
 		})
@@ -442,7 +431,7 @@ func TestParseCSRRefusals(t *testing.T) {
 			wantErr: `ca: CSR asks for an ID in trust domain "evil-example.org"; this CA issues for "example.org"`,
 		},
 		{
-			name:    "DNS SAN by default",
+			name:    "DNS SAN",
 			raw:     csrWith(&x509.CertificateRequest{DNSNames: []string{"web.default.svc"}}),
 			reason:  ca.ReasonForbiddenSAN,
 			wantErr: "ca: CSR asks for DNS, IP or email SANs; an X509-SVID request carries only its SPIFFE ID",
@@ -454,22 +443,8 @@ func TestParseCSRRefusals(t *testing.T) {
 			wantErr: "ca: CSR asks for DNS, IP or email SANs; an X509-SVID request carries only its SPIFFE ID",
 		},
 		{
-			name:    "IP SAN when DNS SANs are allowed",
-			raw:     csrWith(&x509.CertificateRequest{IPAddresses: []net.IP{net.ParseIP("::1")}}),
-			policy:  ca.CSRPolicy{AllowDNSNames: true},
-			reason:  ca.ReasonForbiddenSAN,
-			wantErr: "ca: CSR asks for DNS, IP or email SANs; an X509-SVID request carries only its SPIFFE ID",
-		},
-		{
 			name:    "email SAN",
 			raw:     csrWith(&x509.CertificateRequest{EmailAddresses: []string{"web@example.org"}}),
-			reason:  ca.ReasonForbiddenSAN,
-			wantErr: "ca: CSR asks for DNS, IP or email SANs; an X509-SVID request carries only its SPIFFE ID",
-		},
-		{
-			name:    "email SAN when DNS SANs are allowed",
-			raw:     csrWith(&x509.CertificateRequest{EmailAddresses: []string{"web@example.org"}}),
-			policy:  ca.CSRPolicy{AllowDNSNames: true},
 			reason:  ca.ReasonForbiddenSAN,
 			wantErr: "ca: CSR asks for DNS, IP or email SANs; an X509-SVID request carries only its SPIFFE ID",
 		},
@@ -577,19 +552,6 @@ func TestParseCSRRefusals(t *testing.T) {
 	}
 }
 
-func TestParseCSRDNSNamesOnlyWhenAllowed(t *testing.T) {
-	// A CSR without DNS SANs parsed under AllowDNSNames has none, and the
-	// default policy never returns any.
-	key := testca.NewKey(t)
-	csr, err := ca.ParseCSR(testca.CreateCSR(t, key, workloadID.String()), td, ca.CSRPolicy{AllowDNSNames: true})
-	require.NoError(t, err)
-	require.Empty(t, csr.DNSNames)
-
-	csr, err = ca.ParseCSR(testca.CreateCSR(t, key, workloadID.String()), td, ca.CSRPolicy{})
-	require.NoError(t, err)
-	require.Nil(t, csr.DNSNames)
-}
-
 func FuzzParseCSR(f *testing.F) {
 	key := testca.NewKey(f)
 	der := testca.CreateCSR(f, key, workloadID.String())
@@ -610,7 +572,7 @@ func FuzzParseCSR(f *testing.F) {
 		}
 		require.Equal(t, td, csr.ID.TrustDomain())
 		require.NotEmpty(t, csr.ID.Path())
-		require.Empty(t, csr.DNSNames)
+		require.Empty(t, csr.Raw.DNSNames)
 		require.Empty(t, csr.Raw.IPAddresses)
 		require.Empty(t, csr.Raw.EmailAddresses)
 		require.Len(t, csr.Raw.URIs, 1)

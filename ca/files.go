@@ -90,13 +90,22 @@ func LoadFiles(td spiffeid.TrustDomain, f Files, now time.Time) (*AuthoritySet, 
 	for _, c := range set.Chain {
 		inters.AddCert(c)
 	}
+	var verifyErr error
 	for i, r := range set.Roots {
 		pool := x509.NewCertPool()
 		pool.AddCert(r.Cert)
-		if _, err := issuer.Verify(x509.VerifyOptions{Roots: pool, Intermediates: inters, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err == nil {
+		if _, verifyErr = issuer.Verify(x509.VerifyOptions{Roots: pool, Intermediates: inters, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); verifyErr == nil {
 			set.Roots[i].State = RootActive
 			break
 		}
+	}
+	if verifyErr != nil {
+		// Say why precisely when the issuer itself is wrong (not valid now,
+		// a key that does not match); else the chain is.
+		if err := set.Issuer.validateIssuer(now); err != nil {
+			return nil, err
+		}
+		return nil, fmt.Errorf("ca: issuer does not chain to a root of the bundle: %w", verifyErr)
 	}
 	if err := set.Validate(now); err != nil {
 		return nil, err

@@ -275,12 +275,17 @@ func LoadOrCreate(ctx context.Context, store Store, opts AuthorityOptions) (*Aut
 	now := opts.Clock.Now()
 	if root, ok := set.ActiveRoot(); ok && set.Issuer.Cert != nil && !now.Before(set.Issuer.Cert.NotAfter) &&
 		root.Signer != nil && now.Before(root.Cert.NotAfter) {
-		issuer, err := NewIntermediate(opts, root.Authority)
-		if err != nil {
+		// A prepared successor still valid takes over; else a new one is
+		// made. The chain (copies of the active root cross-signed by
+		// retiring roots) stays: it does not depend on the issuer.
+		var issuer Authority
+		if set.NextIssuer != nil && set.NextIssuer.validateIssuer(now) == nil {
+			issuer = *set.NextIssuer
+		} else if issuer, err = NewIntermediate(opts, root.Authority); err != nil {
 			return nil, err
 		}
 		next := set.Clone()
-		next.Issuer, next.IssuerSince, next.Chain, next.NextIssuer = issuer, now, nil, nil
+		next.Issuer, next.IssuerSince, next.NextIssuer = issuer, now, nil
 		if err := store.Save(ctx, next); err != nil {
 			return nil, err
 		}

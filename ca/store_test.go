@@ -275,3 +275,28 @@ func TestUnmarshalAuthoritySetWithoutRootStates(t *testing.T) {
 	require.Equal(t, ca.RootActive, got.Roots[0].State)
 	require.NoError(t, got.Validate(time.Now()))
 }
+
+// An expired issuer with a valid prepared successor: the successor takes
+// over at start, rather than a new intermediate.
+func TestLoadOrCreatePrefersThePreparedSuccessor(t *testing.T) {
+	ctx := context.Background()
+	now := testNow()
+	clk := clocktesting.NewFakePassiveClock(now)
+	opts := ca.AuthorityOptions{TrustDomain: td, IntermediateTTL: 3 * time.Hour, Clock: clk}
+	store := &memStore{}
+	set, err := ca.LoadOrCreate(ctx, store, opts)
+	require.NoError(t, err)
+
+	clk.SetTime(now.Add(2 * time.Hour))
+	next, err := ca.NewIntermediate(opts, set.Roots[0].Authority)
+	require.NoError(t, err)
+	prepared := set.Clone()
+	prepared.NextIssuer = &next
+	require.NoError(t, store.Save(ctx, prepared))
+
+	clk.SetTime(now.Add(3 * time.Hour))
+	got, err := ca.LoadOrCreate(ctx, store, opts)
+	require.NoError(t, err)
+	require.Equal(t, next.Cert.Raw, got.Issuer.Cert.Raw)
+	require.Nil(t, got.NextIssuer)
+}

@@ -13,6 +13,7 @@ const (
 	ReasonUnknownToken   AuthReason = "unknown_token"
 	ReasonBadCertificate AuthReason = "bad_certificate"
 	ReasonUnavailable    AuthReason = "authenticator_unavailable"
+	ReasonOverloaded     AuthReason = "overloaded"
 )
 
 // AuthError is a credential that is missing or refused. Its message never

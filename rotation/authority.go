@@ -65,7 +65,11 @@ type ManagerOptions struct {
 	// Required.
 	MaxLeafTTL time.Duration
 
-	// Tracker tells how far a prepared root has propagated. Required.
+	// Tracker tells how far a prepared root has propagated, so that
+	// activate may go ahead once every workload holds it. Nil means
+	// propagation is not known here (replicas each see only the workloads
+	// that renew with them), and activate waits one maximum leaf lifetime
+	// after prepare.
 	Tracker *Tracker
 
 	// Clock tells the time and ticks; nil means the real clock.
@@ -118,8 +122,8 @@ type Result struct {
 
 // NewManager returns a Manager.
 func NewManager(opts ManagerOptions) (*Manager, error) {
-	if opts.CA == nil || opts.Store == nil || opts.Tracker == nil {
-		return nil, errors.New("rotation: a CA, a Store and a Tracker are required")
+	if opts.CA == nil || opts.Store == nil {
+		return nil, errors.New("rotation: a CA and a Store are required")
 	}
 	if opts.MaxLeafTTL <= 0 {
 		return nil, errors.New("rotation: MaxLeafTTL is required")
@@ -456,6 +460,10 @@ func (m *Manager) activateRefusal(prepared ca.Root, now time.Time) string {
 	allowedAt := prepared.Since.Add(m.opts.MaxLeafTTL)
 	if !now.Before(allowedAt) {
 		return ""
+	}
+	if m.opts.Tracker == nil {
+		return fmt.Sprintf("propagation is not tracked by this deployment (replicas each see only their own callers); activate after %s, one maximum leaf lifetime after prepare",
+			allowedAt.UTC().Format(time.RFC3339))
 	}
 	// Every workload renews within half a leaf lifetime: until the tracker
 	// has watched for that long (after a restart), it has not seen them

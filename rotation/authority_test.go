@@ -438,3 +438,20 @@ func TestConflictReloads(t *testing.T) {
 	require.Equal(t, other.Cert.Raw, f.ca.Authorities().Issuer.Cert.Raw, "the other replica's set was loaded")
 	require.Len(t, f.ca.Authorities().Roots, 1, "the refused step took no effect")
 }
+
+// Without a tracker (replicas, each seeing only its own callers), activate
+// waits one maximum leaf lifetime after prepare, and says why.
+func TestActivateWithoutTracker(t *testing.T) {
+	f := newManagerFixture(t)
+	m, err := rotation.NewManager(rotation.ManagerOptions{CA: f.ca, Store: f.store, MaxLeafTTL: leafTTL, Clock: f.clock})
+	require.NoError(t, err)
+	ctx := context.Background()
+	_, err = m.PrepareRoot(ctx, rotation.OpOptions{})
+	require.NoError(t, err)
+	_, err = m.ActivateRoot(ctx, rotation.OpOptions{})
+	require.EqualError(t, err, "rotation: activate-root refused: propagation is not tracked by this deployment (replicas each see only their own callers); activate after 2030-01-01T01:00:00Z, one maximum leaf lifetime after prepare")
+	f.clock.Step(leafTTL)
+	res, err := m.ActivateRoot(ctx, rotation.OpOptions{})
+	require.NoError(t, err)
+	require.True(t, res.Applied)
+}

@@ -12,7 +12,7 @@
 //	store, err := kubestore.New(kubestore.Options{Client: client.CoreV1(), Namespace: ns})
 //	set, err := kubestore.LoadOrCreate(ctx, store, ca.AuthorityOptions{TrustDomain: td})
 //	authority, err := ca.New(set, ca.Options{})
-//	go kubestore.Follow(ctx, store, authority, logger)
+//	go kubestore.Follow(ctx, store, authority, logger, 0)
 //
 // The service account needs get, create, update, list and watch on
 // Secrets in its own namespace; when the deployment creates the Secret

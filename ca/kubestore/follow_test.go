@@ -9,6 +9,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/require"
+	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/ca/kubestore"
@@ -19,7 +20,7 @@ func runFollow(t *testing.T, store *kubestore.Store, c *ca.CA, logger *slog.Logg
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error)
-	go func() { done <- kubestore.Follow(ctx, store, c, logger) }()
+	go func() { done <- kubestore.Follow(ctx, store, c, logger, 20*time.Millisecond) }()
 	t.Cleanup(func() {
 		cancel()
 		select {
@@ -123,4 +124,35 @@ func TestReload(t *testing.T) {
 func requireLogged(t *testing.T, logs *logBuffer, line string) {
 	t.Helper()
 	require.Eventually(t, func() bool { return strings.Contains(logs.String(), line) }, wait, 5*time.Millisecond, "not logged: %s\nlogs:\n%s", line, logs)
+}
+
+// A set the follower refuses (an intermediate not yet valid on its slow
+// clock) is tried again until it applies, without a new write.
+func TestFollowRetriesARefusedSet(t *testing.T) {
+	ctx := context.Background()
+	client := newClient(t)
+	leader := newStore(t, client, nil)
+	set1, err := kubestore.LoadOrCreate(ctx, leader, ca.AuthorityOptions{TrustDomain: td})
+	require.NoError(t, err)
+	followerStore := newStore(t, client, nil)
+	loaded, err := followerStore.Load(ctx)
+	require.NoError(t, err)
+	slow := clocktesting.NewFakePassiveClock(time.Now())
+	follower, err := ca.New(loaded, ca.Options{Clock: slow})
+	require.NoError(t, err)
+	logger, logs := newLogger()
+	runFollow(t, followerStore, follower, logger)
+
+	// The leader's clock is an hour ahead: its new intermediate starts
+	// in the follower's future.
+	ahead := clocktesting.NewFakePassiveClock(time.Now().Add(time.Hour))
+	issuer, err := ca.NewIntermediate(ca.AuthorityOptions{TrustDomain: td, Clock: ahead}, set1.Roots[0].Authority)
+	require.NoError(t, err)
+	set2 := set1.Clone()
+	set2.Issuer = issuer
+	require.NoError(t, leader.Save(ctx, set2))
+	requireLogged(t, logs, `level=ERROR msg="stored authorities not applied" secret=meshca/authorities stored_sequence=1 error="ca: issuer certificate is not valid now`)
+
+	slow.SetTime(time.Now().Add(2 * time.Hour))
+	requireCAHas(t, follower, set2)
 }

@@ -27,7 +27,10 @@ import (
 type kubeEnv struct {
 	cfg    KubernetesConfig
 	client kubernetes.Interface
-	log    *slog.Logger
+	// reviews has a rate limit of its own, so that a flood of token
+	// reviews never delays Lease renewals or Secret writes.
+	reviews kubernetes.Interface
+	log     *slog.Logger
 }
 
 func newKubeEnv(cfg KubernetesConfig, log *slog.Logger) (*kubeEnv, error) {
@@ -41,14 +44,19 @@ func newKubeEnv(cfg KubernetesConfig, log *slog.Logger) (*kubeEnv, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes: client config: %w", err)
 	}
-	// A restart storm brings a TokenReview per new workload: client-go's
-	// default of 5 requests/s would turn it into time-outs.
-	rc.QPS, rc.Burst = 100, 200
 	client, err := kubernetes.NewForConfig(rc)
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes: client: %w", err)
 	}
-	return &kubeEnv{cfg: cfg, client: client, log: log}, nil
+	// A restart storm brings a TokenReview per new workload: client-go's
+	// default of 5 requests/s would turn it into time-outs.
+	rrc := rest.CopyConfig(rc)
+	rrc.QPS, rrc.Burst = 100, 200
+	reviews, err := kubernetes.NewForConfig(rrc)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes: client: %w", err)
+	}
+	return &kubeEnv{cfg: cfg, client: client, reviews: reviews, log: log}, nil
 }
 
 // store returns the Secret store of the authority set.
@@ -63,7 +71,7 @@ func (k *kubeEnv) store() (*kubestore.Store, error) {
 
 // authenticator reviews service-account tokens with the API server.
 func (k *kubeEnv) authenticator(cfg *completeConfig, reg prometheus.Registerer) (identity.Authenticator, error) {
-	return tokenreview.New(k.client.AuthenticationV1(), tokenreview.Options{
+	return tokenreview.New(k.reviews.AuthenticationV1(), tokenreview.Options{
 		TrustDomain: cfg.td,
 		Audiences:   k.cfg.TokenAudiences,
 		Logger:      k.log,
@@ -81,7 +89,7 @@ func startKubernetes(ctx context.Context, k *kubeEnv, cfg *completeConfig, c *ca
 	if ks, ok := store.(*kubestore.Store); ok {
 		work.store = ks
 		go func() {
-			if err := kubestore.Follow(ctx, ks, c, k.log); err != nil {
+			if err := kubestore.Follow(ctx, ks, c, k.log, 0); err != nil {
 				k.log.Error("following the shared authorities stopped", "error", err)
 			}
 		}()

@@ -161,6 +161,13 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 
 	maxLeafTTL := cfg.ttl.Longest()
 	tracker := rotation.NewTracker(maxLeafTTL, nil)
+	// With replicas, each sees only the workloads that renew with it: the
+	// leader cannot know that every workload holds a prepared root, and
+	// activate waits one leaf lifetime instead.
+	gate := tracker
+	if kube != nil {
+		gate = nil
+	}
 	var manager *rotation.Manager
 	if store != nil {
 		manager, err = rotation.NewManager(rotation.ManagerOptions{
@@ -168,7 +175,7 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 			Store:         store,
 			Authority:     authorityOptions(cfg),
 			MaxLeafTTL:    maxLeafTTL,
-			Tracker:       tracker,
+			Tracker:       gate,
 			CheckInterval: time.Duration(cfg.Authority.RotationCheckInterval),
 			Logger:        log,
 			AfterSave:     failpoint(log),
@@ -205,7 +212,6 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 	if tokens != nil {
 		authns = append(authns, tokens)
 	}
-	authns = append(authns, identity.NewSVIDAuthenticator(cfg.td, c, nil))
 	if kube != nil {
 		reviews, err := kube.authenticator(cfg, reg)
 		if err != nil {
@@ -213,6 +219,10 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 		}
 		authns = append(authns, reviews)
 	}
+	// Tokens first: a workload whose certificate no longer verifies (its
+	// root was retired early) recovers with its token, even while its TLS
+	// stack still presents the stale certificate.
+	authns = append(authns, identity.NewSVIDAuthenticator(cfg.td, c, nil))
 	srv, err := server.New(server.Options{
 		CA:            c,
 		Authenticator: identity.Chain(authns...),

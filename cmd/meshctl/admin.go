@@ -37,7 +37,7 @@ func (f *adminFlags) client() (adminv1.AdminServiceClient, func(), error) {
 		return nil, nil, fmt.Errorf("--output %q: want text or json", f.output)
 	}
 	// The socket's file mode is the access control; there is no TLS on it.
-	conn, err := grpc.NewClient("unix://"+f.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient("unix:"+f.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		return nil, nil, fmt.Errorf("admin socket %s: %w", f.socket, err)
 	}

@@ -178,6 +178,7 @@ func (o *benchOptions) run(cmd *cobra.Command) error {
 
 	conns := make([]*grpc.ClientConn, o.connections)
 	clients := make([]meshcav1.CertificateServiceClient, o.connections)
+	o.server.sendsCredential = true
 	for i := range conns {
 		if conns[i], err = o.server.dial(nil); err != nil {
 			return err

@@ -466,3 +466,13 @@ func TestErrorKey(t *testing.T) {
 	require.Equal(t, "invalid response", errorKey(errInvalidResponse))
 	require.Equal(t, "invalid response", errorKey(errors.New("other")))
 }
+
+func TestInsecureNeverCarriesACredential(t *testing.T) {
+	f := &serverFlags{insecure: true, sendsCredential: true}
+	_, err := f.tlsConfig(nil)
+	require.EqualError(t, err, "--insecure would send the credential to a server nobody verified; use --ca-bundle")
+	f.sendsCredential = false
+	cfg, err := f.tlsConfig(nil)
+	require.NoError(t, err)
+	require.True(t, cfg.InsecureSkipVerify, "bundle may fetch the bundle on first contact")
+}

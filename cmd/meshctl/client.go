@@ -27,6 +27,10 @@ type serverFlags struct {
 	timeout  time.Duration
 
 	warnInsecure sync.Once
+
+	// sendsCredential is set by commands that send a token or present a
+	// certificate: those never talk to an unverified server.
+	sendsCredential bool
 }
 
 func (f *serverFlags) register(cmd *cobra.Command) {
@@ -54,6 +58,9 @@ func (f *serverFlags) dial(svid x509svid.Source) (*grpc.ClientConn, error) {
 }
 
 func (f *serverFlags) tlsConfig(svid x509svid.Source) (*tls.Config, error) {
+	if f.insecure && f.sendsCredential {
+		return nil, errors.New("--insecure would send the credential to a server nobody verified; use --ca-bundle")
+	}
 	if f.insecure {
 		f.warnInsecure.Do(func() {
 			fmt.Fprintln(os.Stderr, "meshctl: warning: --insecure: the server's identity is not verified")

@@ -114,6 +114,7 @@ func (o *issueOptions) run(cmd *cobra.Command) error {
 	if current != nil {
 		source = current
 	}
+	o.server.sendsCredential = true
 	conn, err := o.server.dial(source)
 	if err != nil {
 		return err

@@ -14,6 +14,14 @@
 // slow or down yields an *identity.AuthError with reason
 // identity.ReasonUnavailable within Options.Timeout, not a hang.
 //
+// Anyone can present a bearer token, so what a made-up one costs is
+// bounded: a token whose own "exp" claim has passed is refused without a
+// review; at most Options.MaxInFlight reviews are under way at once, and
+// a token that would start one more is refused at once with reason
+// ReasonOverloaded (callers presenting a token already under review join
+// it instead); and a review is cancelled as soon as every caller waiting
+// for it has left, rather than running on to the timeout.
+//
 // The Authenticator goes last in an identity.Chain, after the static
 // bootstrap tokens, which also read bearer tokens:
 //

@@ -98,10 +98,11 @@ func TestKubernetes(t *testing.T) {
 		reason: identity.ReasonUnknownToken,
 		err:    refusedFor + fmt.Sprintf("[invalid bearer token, token audiences %q is invalid for the target audiences [\"meshca\"]]", c.APIAudiences),
 	}, {
+		// Refused by its own claim, before any review.
 		name:   "expired token",
 		token:  signToken(t, c.ServiceAccountKey, claims(meshca, now.Add(-2*time.Hour), now.Add(-time.Hour))),
 		reason: identity.ReasonUnknownToken,
-		err:    refusedFor + "[invalid bearer token, service account token has expired]",
+		err:    errPrefix + "service-account token expired at " + time.Unix(now.Add(-time.Hour).Unix(), 0).UTC().Format(time.RFC3339) + ", by its exp claim; present a current token",
 	}, {
 		name:   "token signed by another key",
 		token:  signToken(t, newKey(t), claims(meshca, now.Add(-time.Minute), now.Add(time.Hour))),

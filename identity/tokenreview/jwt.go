@@ -19,10 +19,12 @@ const maxExpiry = 253402300799
 // objects, a header naming an algorithm) and returns its "exp" claim.
 //
 // Nothing here is verified: the API server does that. The shape keeps
-// tokens of other kinds from costing a review, and the expiry only bounds
-// how long a review is cached, so a token can never make its cache entry
-// outlive itself. ok is false for anything that is not JWT-shaped; hasExp
-// is false when the payload has no usable "exp".
+// tokens of other kinds from costing a review, and the expiry spares the
+// review of a token that has expired (a token lying about it gains
+// nothing: the API server would refuse it too) and bounds how long a
+// review is cached, so a token can never make its cache entry outlive
+// itself. ok is false for anything that is not JWT-shaped; hasExp is
+// false when the payload has no usable "exp".
 func parseJWT(token string) (exp time.Time, hasExp, ok bool) {
 	if len(token) > identity.MaxTokenLength {
 		return time.Time{}, false, false

@@ -29,7 +29,13 @@ const (
 	DefaultTimeout         = 5 * time.Second
 	DefaultCacheTTL        = time.Minute
 	DefaultMaxCacheEntries = 100_000
+	DefaultMaxInFlight     = 64
 )
+
+// ReasonOverloaded is the reason of the *identity.AuthError refusing a
+// token that would start a review while Options.MaxInFlight are under
+// way: the caller may retry later (gRPC ResourceExhausted).
+const ReasonOverloaded = identity.ReasonOverloaded
 
 // serviceAccountPrefix starts the user name the API server gives a
 // service account: system:serviceaccount:<namespace>:<name>.
@@ -68,7 +74,17 @@ type Options struct {
 	// tens of MB at most).
 	MaxCacheEntries int
 
-	// Clock tells the time for cache expiry. Nil means the real clock.
+	// MaxInFlight bounds the reviews under way at once, across all
+	// tokens. A token that would start one more is refused at once with
+	// an *identity.AuthError of reason ReasonOverloaded; a caller
+	// presenting a token already under review joins that review and is
+	// never refused for it. The bound keeps a flood of made-up tokens
+	// from piling up requests to the API server and goroutines here.
+	// Zero means DefaultMaxInFlight (64); it must not be negative.
+	MaxInFlight int
+
+	// Clock tells the time for cache expiry and for the expiry of
+	// tokens. Nil means the real clock.
 	Clock clock.PassiveClock
 
 	// Logger receives refusals (debug) and API server failures (warn),
@@ -88,6 +104,7 @@ type Authenticator struct {
 	audiences   []string
 	timeout     time.Duration
 	cacheTTL    time.Duration
+	maxInFlight int
 	clock       clock.PassiveClock
 	log         *slog.Logger
 	metrics     *metrics
@@ -95,6 +112,10 @@ type Authenticator struct {
 	mu       sync.Mutex
 	cache    *cache                // guarded by mu
 	inflight map[tokenHash]*flight // guarded by mu
+	// reviewing counts the reviews under way, at most maxInFlight: those
+	// of the flights in inflight, and those of flights cancelled but not
+	// yet landed, whose request to the API server is still ending.
+	reviewing int // guarded by mu
 
 	// joined, when set by a test, is called when a caller joins a review
 	// under way.
@@ -103,10 +124,16 @@ type Authenticator struct {
 
 // flight is one review under way, shared by every caller presenting the
 // same token meanwhile. caller and err are set before done is closed.
+//
+// The callers waiting for it are counted: when the last one leaves before
+// it lands, it is cancelled and leaves inflight, so that no review goes on
+// for nobody, and the next caller with the token starts a new one.
 type flight struct {
-	done   chan struct{}
-	caller identity.Caller
-	err    error
+	done    chan struct{}
+	cancel  context.CancelFunc
+	waiters int // guarded by Authenticator.mu
+	caller  identity.Caller
+	err     error
 }
 
 var _ identity.Authenticator = (*Authenticator)(nil)
@@ -132,12 +159,16 @@ func New(client authenticationv1client.TokenReviewsGetter, opts Options) (*Authe
 	if opts.MaxCacheEntries < 0 {
 		return nil, fmt.Errorf("tokenreview: Options.MaxCacheEntries is %d; it must be positive, or zero for %d", opts.MaxCacheEntries, DefaultMaxCacheEntries)
 	}
+	if opts.MaxInFlight < 0 {
+		return nil, fmt.Errorf("tokenreview: Options.MaxInFlight is %d; it must be positive, or zero for %d", opts.MaxInFlight, DefaultMaxInFlight)
+	}
 	a := &Authenticator{
 		reviews:     client,
 		trustDomain: opts.TrustDomain,
 		audiences:   slices.Clone(opts.Audiences),
 		timeout:     opts.Timeout,
 		cacheTTL:    opts.CacheTTL,
+		maxInFlight: opts.MaxInFlight,
 		clock:       opts.Clock,
 		log:         opts.Logger,
 		inflight:    make(map[tokenHash]*flight),
@@ -147,6 +178,9 @@ func New(client authenticationv1client.TokenReviewsGetter, opts Options) (*Authe
 	}
 	if a.cacheTTL == 0 {
 		a.cacheTTL = DefaultCacheTTL
+	}
+	if a.maxInFlight == 0 {
+		a.maxInFlight = DefaultMaxInFlight
 	}
 	entries := opts.MaxCacheEntries
 	if entries == 0 {
@@ -166,6 +200,10 @@ func New(client authenticationv1client.TokenReviewsGetter, opts Options) (*Authe
 		a.mu.Lock()
 		defer a.mu.Unlock()
 		return float64(a.cache.len())
+	}, func() float64 {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		return float64(a.reviewing)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("tokenreview: registering metrics: %w", err)
@@ -180,10 +218,12 @@ func New(client authenticationv1client.TokenReviewsGetter, opts Options) (*Authe
 //
 // It returns identity.ErrNotApplicable when there is no token, and an
 // *identity.AuthError with reason identity.ReasonUnknownToken when the
-// token is not a JWT or is refused, so that an identity.Chain tries the
-// next authenticator, or with reason identity.ReasonUnavailable when the
-// API server cannot be asked within the timeout. When ctx ends first, the
-// error wraps ctx.Err().
+// token is not a JWT, has expired by its own "exp" claim, or is refused,
+// so that an identity.Chain tries the next authenticator; with reason
+// identity.ReasonUnavailable when the API server cannot be asked within
+// the timeout; and with reason ReasonOverloaded when the token would start
+// a review while Options.MaxInFlight are under way. When ctx ends first,
+// the error wraps ctx.Err().
 func (a *Authenticator) Authenticate(ctx context.Context, cred identity.Credential) (identity.Caller, error) {
 	if cred.Token == "" {
 		return identity.Caller{}, identity.ErrNotApplicable
@@ -193,27 +233,53 @@ func (a *Authenticator) Authenticate(ctx context.Context, cred identity.Credenti
 		return identity.Caller{}, authError(identity.ReasonUnknownToken, nil, "bearer token is not a Kubernetes service-account token: it is not a JWT")
 	}
 	key := sha256.Sum256([]byte(cred.Token))
+	// The claim is not verified, but a token that lies about it gains
+	// nothing: the API server refuses an expired token too. Refusing here
+	// spares the review; a cache entry never outlives the claim either.
+	if now := a.clock.Now(); hasExp && !now.Before(exp) {
+		err := authError(identity.ReasonUnknownToken, nil, "service-account token expired at %s, by its exp claim; present a current token", exp.UTC().Format(time.RFC3339))
+		a.log.LogAttrs(ctx, slog.LevelDebug, "token refused without a review",
+			slog.String("subject", subjectOf(key)), slog.Any("error", err))
+		return identity.Caller{}, err
+	}
 
 	// The cache and the flights are looked at under one lock, and a
 	// flight caches its result before it leaves the map: a caller finds
 	// the flight or its result, and one token is never reviewed twice at
-	// once.
+	// once, unless a review its callers all left is still ending.
 	a.mu.Lock()
 	if caller, ok := a.cache.get(key, a.clock.Now()); ok {
 		a.mu.Unlock()
 		a.metrics.cacheHits.Inc()
 		return caller, nil
 	}
+	// A caller that has already given up starts or joins nothing.
+	if err := ctx.Err(); err != nil {
+		a.mu.Unlock()
+		return identity.Caller{}, fmt.Errorf("tokenreview: waiting for the review of the token: %w", err)
+	}
 	f, ok := a.inflight[key]
 	if !ok {
-		f = &flight{done: make(chan struct{})}
+		if a.reviewing >= a.maxInFlight {
+			a.mu.Unlock()
+			a.metrics.overloaded.Inc()
+			err := authError(ReasonOverloaded, nil, "too many service-account tokens under review (%d at once); retry later", a.maxInFlight)
+			a.log.LogAttrs(ctx, slog.LevelDebug, "token refused without a review",
+				slog.String("subject", subjectOf(key)), slog.Any("error", err))
+			return identity.Caller{}, err
+		}
+		a.reviewing++
+		// The review keeps the values of the context of the caller that
+		// starts it, not its end: others may join it. It ends at the
+		// timeout, or when every caller waiting for it has left.
+		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), a.timeout)
+		f = &flight{done: make(chan struct{}), cancel: cancel}
 		a.inflight[key] = f
-		// The review outlives this caller's cancellation: others may be
-		// waiting for it, and its answer is cached for the retry.
-		go a.fly(context.WithoutCancel(ctx), f, key, cred.Token, exp, hasExp)
+		go a.fly(fctx, f, key, cred.Token, exp, hasExp)
 	} else if a.joined != nil {
 		a.joined()
 	}
+	f.waiters++
 	a.mu.Unlock()
 
 	// Waiting is bounded here too, so that a client that does not honour
@@ -224,6 +290,7 @@ func (a *Authenticator) Authenticate(ctx context.Context, cred identity.Credenti
 	case <-f.done:
 		return f.caller, f.err
 	case <-wait.Done():
+		a.leave(f, key)
 		if err := ctx.Err(); err != nil {
 			return identity.Caller{}, fmt.Errorf("tokenreview: waiting for the review of the token: %w", err)
 		}
@@ -231,11 +298,26 @@ func (a *Authenticator) Authenticate(ctx context.Context, cred identity.Credenti
 	}
 }
 
+// leave takes a caller that stopped waiting off flight f of key. The last
+// one to leave cancels the review, and takes the flight out of inflight
+// so that the next caller starts a new review rather than joining one
+// that is ending.
+func (a *Authenticator) leave(f *flight, key tokenHash) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if f.waiters--; f.waiters > 0 {
+		return
+	}
+	f.cancel()
+	if a.inflight[key] == f {
+		delete(a.inflight, key)
+	}
+}
+
 // fly reviews a token for a flight, caches an accepted review, and lands
-// the flight.
+// the flight, freeing its place among the reviews under way.
 func (a *Authenticator) fly(ctx context.Context, f *flight, key tokenHash, token string, exp time.Time, hasExp bool) {
-	ctx, cancel := context.WithTimeout(ctx, a.timeout)
-	defer cancel()
+	defer f.cancel()
 	start := a.clock.Now()
 	f.caller, f.err = a.review(ctx, token, key)
 
@@ -245,20 +327,28 @@ func (a *Authenticator) fly(ctx context.Context, f *flight, key tokenHash, token
 		if hasExp && exp.Before(expires) {
 			expires = exp
 		}
-		// A token already expired by its own claim, yet accepted (clock
-		// skew, the API server's leeway), is not cached.
+		// A token already expired by its own claim, yet accepted (the
+		// clock moved since Authenticate looked), is not cached.
 		if expires.After(start) {
 			a.cache.add(key, f.caller, expires)
 		}
 	}
-	delete(a.inflight, key)
+	if a.inflight[key] == f {
+		delete(a.inflight, key)
+	}
+	a.reviewing--
 	a.mu.Unlock()
 	close(f.done)
 }
 
+// subjectOf names a token in errors and logs by a prefix of its hash.
+func subjectOf(key tokenHash) string {
+	return "token-sha256:" + hex.EncodeToString(key[:4])
+}
+
 // review asks the API server about token.
 func (a *Authenticator) review(ctx context.Context, token string, key tokenHash) (identity.Caller, error) {
-	subject := "token-sha256:" + hex.EncodeToString(key[:4])
+	subject := subjectOf(key)
 	req := &authenticationv1.TokenReview{Spec: authenticationv1.TokenReviewSpec{
 		Token:     token,
 		Audiences: slices.Clone(a.audiences),
@@ -267,9 +357,20 @@ func (a *Authenticator) review(ctx context.Context, token string, key tokenHash)
 	if err == nil && res == nil {
 		err = errors.New("empty TokenReview response")
 	}
+	if err != nil && cancelledEarly(ctx) {
+		// Every caller waiting for the review left: nobody reads the
+		// error, and a flood of callers that give up is no API server
+		// failure worth a warning.
+		a.metrics.reviews.WithLabelValues(resultCancelled).Inc()
+		a.log.LogAttrs(ctx, slog.LevelDebug, "token review cancelled: its callers left",
+			slog.String("subject", subject))
+		return identity.Caller{}, authError(identity.ReasonUnavailable, context.Canceled, "review of the token cancelled: its callers left")
+	}
 	if err != nil {
 		a.metrics.reviews.WithLabelValues(resultUnavailable).Inc()
-		forbidden, timedOut := apierrors.IsForbidden(err), errors.Is(err, context.DeadlineExceeded)
+		// A context ended otherwise is past its deadline, whether the
+		// deadline or a caller giving up at the same time ended it.
+		forbidden, timedOut := apierrors.IsForbidden(err), errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil
 		err = redactError(err, token)
 		a.log.LogAttrs(ctx, slog.LevelWarn, "token review failed",
 			slog.String("subject", subject), slog.Any("error", err))
@@ -291,6 +392,15 @@ func (a *Authenticator) review(ctx context.Context, token string, key tokenHash)
 	}
 	a.metrics.reviews.WithLabelValues(resultAccepted).Inc()
 	return caller, nil
+}
+
+// cancelledEarly reports whether the context of a review was cancelled,
+// by its callers leaving, before its deadline. A caller that gives up
+// because its own wait, as long as the review's, has run out leaves after
+// the review's deadline: that review timed out, and counts as such.
+func cancelledEarly(ctx context.Context) bool {
+	deadline, ok := ctx.Deadline()
+	return errors.Is(ctx.Err(), context.Canceled) && ok && time.Now().Before(deadline)
 }
 
 // accept turns the status of a review into the caller it authenticates.

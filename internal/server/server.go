@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
@@ -32,6 +33,9 @@ const MaxRequestBytes = 64 << 10
 
 // maxHeaderBytes bounds a request's metadata.
 const maxHeaderBytes = 16 << 10
+
+// maxStreamsPerConn bounds the concurrent streams of one connection.
+const maxStreamsPerConn = 100
 
 // DefaultRefreshHint is how often bundle consumers are told to check for a
 // new bundle.
@@ -148,6 +152,10 @@ func (s *Server) GRPCServer(tlsConfig *tls.Config, opts ...grpc.ServerOption) *g
 		grpc.MaxRecvMsgSize(s.maxBytes),
 		// Headers carry the bearer token (8 KiB at most) and little else.
 		grpc.MaxHeaderListSize(maxHeaderBytes),
+		// One caller holds few streams (a bundle watch, a Sign or two):
+		// bound them, so that watchers cannot pile up on one connection.
+		grpc.MaxConcurrentStreams(maxStreamsPerConn),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	}, opts...)
 	g := grpc.NewServer(opts...)
 	meshcav1.RegisterCertificateServiceServer(g, &certificateService{s: s})
@@ -181,7 +189,6 @@ type issueRequest struct {
 	api            string
 	csr            []byte
 	ttl            time.Duration
-	csrPolicy      ca.CSRPolicy
 	bundleSequence uint64
 }
 
@@ -237,7 +244,7 @@ func (s *Server) authorizeAndSign(ctx context.Context, r issueRequest) (identity
 	if err != nil {
 		return identity.Caller{}, nil, err
 	}
-	csr, err := ca.ParseCSR(r.csr, s.ca.TrustDomain(), r.csrPolicy)
+	csr, err := ca.ParseCSR(r.csr, s.ca.TrustDomain(), ca.CSRPolicy{})
 	if err != nil {
 		return caller, nil, err
 	}
@@ -247,7 +254,6 @@ func (s *Server) authorizeAndSign(ctx context.Context, r issueRequest) (identity
 	issued, err := s.ca.Sign(ctx, ca.SignRequest{
 		PublicKey: csr.PublicKey,
 		ID:        csr.ID,
-		DNSNames:  csr.DNSNames,
 		TTL:       r.ttl,
 	})
 	return caller, issued, err
@@ -296,8 +302,11 @@ func toStatus(err error) (*status.Status, string) {
 	case errors.As(err, &csrErr):
 		return status.New(codes.InvalidArgument, err.Error()), string(csrErr.Reason)
 	case errors.As(err, &authErr):
-		if authErr.Reason == identity.ReasonUnavailable {
+		switch authErr.Reason {
+		case identity.ReasonUnavailable:
 			return status.New(codes.Unavailable, err.Error()), string(authErr.Reason)
+		case identity.ReasonOverloaded:
+			return status.New(codes.ResourceExhausted, err.Error()), string(authErr.Reason)
 		}
 		return status.New(codes.Unauthenticated, err.Error()), string(authErr.Reason)
 	case errors.As(err, &permErr):
