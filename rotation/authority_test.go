@@ -340,6 +340,7 @@ type failingStore struct{ err error }
 func (s *failingStore) Load(context.Context) (*ca.AuthoritySet, error) { return nil, s.err }
 func (s *failingStore) Save(context.Context, *ca.AuthoritySet) error   { return s.err }
 
+// TestRunRotatesOnTicks: Run checks on its ticker, not only at start.
 func TestRunRotatesOnTicks(t *testing.T) {
 	f := newManagerFixture(t)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -348,11 +349,17 @@ func TestRunRotatesOnTicks(t *testing.T) {
 	defer func() { cancel(); <-done }()
 
 	first := f.ca.Authorities().Issuer.Cert
-	// Ticks every minute; step through a whole intermediate life, an
-	// hour at a time, so that checks run late, as on a busy server.
-	for i := 0; i < 13; i++ {
-		f.clock.Step(time.Hour)
-	}
+	// The ticker is set up; the check at start found nothing due.
+	require.Eventually(t, f.clock.HasWaiters, 5*time.Second, time.Millisecond)
+	require.Nil(t, f.ca.Authorities().NextIssuer)
+
+	// Past the prepare point (4h left of 12h), a tick prepares...
+	f.clock.Step(8 * time.Hour)
+	require.Eventually(t, func() bool { return f.ca.Authorities().NextIssuer != nil }, 5*time.Second, time.Millisecond)
+	require.Equal(t, first.Raw, f.ca.Authorities().Issuer.Cert.Raw)
+
+	// ...and past the activation point (2h left), a tick activates.
+	f.clock.Step(2 * time.Hour)
 	require.Eventually(t, func() bool {
 		return f.ca.Authorities().Issuer.Cert.SerialNumber.Cmp(first.SerialNumber) != 0
 	}, 5*time.Second, time.Millisecond)
