@@ -6,7 +6,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"slices"
 	"sync"
@@ -134,7 +133,7 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 	opts.Authority.Clock = opts.Clock
 	opts.Authority.TrustDomain = opts.CA.TrustDomain()
 	if opts.Logger == nil {
-		opts.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	return &Manager{opts: opts, log: opts.Logger, clock: opts.Clock}, nil
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"maps"
 	"sync"
@@ -193,7 +192,7 @@ func New(opts Options) (*Publisher, error) {
 		opts.Workers = DefaultWorkers
 	}
 	if opts.Logger == nil {
-		opts.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	if opts.Registerer == nil {
 		opts.Registerer = prometheus.NewRegistry()

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/x509"
 	"errors"
-	"io"
 	"log/slog"
 	"time"
 
@@ -48,7 +47,7 @@ type AdminOptions struct {
 // control.
 func NewAdminServer(opts AdminOptions) *grpc.Server {
 	if opts.Logger == nil {
-		opts.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	g := grpc.NewServer(grpc.MaxRecvMsgSize(4 << 10))
 	adminv1.RegisterAdminServiceServer(g, &adminService{opts: opts, audit: opts.Logger.With(slog.Bool("audit", true), slog.String("api", "admin"))})

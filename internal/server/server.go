@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"sync"
 	"time"
@@ -107,7 +106,7 @@ func New(opts Options) (*Server, error) {
 		opts.Policy.TrustDomain = opts.CA.TrustDomain()
 	}
 	if opts.Logger == nil {
-		opts.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	if opts.AuditLogger == nil {
 		opts.AuditLogger = opts.Logger
