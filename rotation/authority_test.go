@@ -1,16 +1,11 @@
 package rotation_test
 
 import (
-	"bytes"
 	"context"
 	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
-	"os"
-	"os/exec"
 	"path/filepath"
-	"strconv"
 	"testing"
 	"time"
 
@@ -249,7 +244,7 @@ func TestRootRotation(t *testing.T) {
 		require.NoError(t, err, name)
 		// OpenSSL builds chains differently (first candidate issuer,
 		// trusted store first): it must agree.
-		requireOpenSSLVerifies(t, f.clock.Now(), b.X509Authorities(), newLeaf.Chain)
+		testca.RequireOpenSSLVerifies(t, f.clock.Now(), b.X509Authorities(), newLeaf.Chain)
 	}
 	_, _, err = x509svid.Verify(oldLeaf.Chain, bundleOf(oldRoot, newRoot.Cert), x509svid.WithTime(f.clock.Now()))
 	require.NoError(t, err)
@@ -395,29 +390,6 @@ func closed(ch <-chan struct{}) bool {
 	default:
 		return false
 	}
-}
-
-// requireOpenSSLVerifies checks chain (leaf first) with openssl verify at
-// time at, trusting roots.
-func requireOpenSSLVerifies(t *testing.T, at time.Time, roots, chain []*x509.Certificate) {
-	t.Helper()
-	openssl, err := exec.LookPath("openssl")
-	require.NoError(t, err, "openssl is needed as an independent verifier; scripts/tools.sh installs it")
-	dir := t.TempDir()
-	write := func(name string, certs []*x509.Certificate) string {
-		var buf bytes.Buffer
-		for _, c := range certs {
-			require.NoError(t, pem.Encode(&buf, &pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}))
-		}
-		path := filepath.Join(dir, name)
-		require.NoError(t, os.WriteFile(path, buf.Bytes(), 0o600))
-		return path
-	}
-	out, err := exec.Command(openssl, "verify", "-attime", strconv.FormatInt(at.Unix(), 10),
-		"-CAfile", write("roots.pem", roots), "-untrusted", write("chain.pem", chain[1:]),
-		write("leaf.pem", chain[:1])).CombinedOutput()
-	require.NoError(t, err, string(out))
-	require.Contains(t, string(out), ": OK")
 }
 
 // conflictStore loses every Save to another replica, whose set Load

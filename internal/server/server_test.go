@@ -12,14 +12,10 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/asn1"
-	"encoding/pem"
 	"log/slog"
 	"math/big"
 	"net"
 	"net/url"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -182,29 +178,7 @@ func TestSignIssuesVerifiableSVID(t *testing.T) {
 	require.Equal(t, server.DefaultRefreshHint, hint)
 
 	// ...and openssl agrees.
-	requireOpenSSLVerifies(t, roots, svid.Certificates)
-}
-
-func requireOpenSSLVerifies(t *testing.T, roots, chain []*x509.Certificate) {
-	t.Helper()
-	openssl, err := exec.LookPath("openssl")
-	require.NoError(t, err, "openssl is needed as an independent verifier; scripts/tools.sh installs it")
-	dir := t.TempDir()
-	write := func(name string, certs []*x509.Certificate) string {
-		var buf bytes.Buffer
-		for _, c := range certs {
-			require.NoError(t, pem.Encode(&buf, &pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}))
-		}
-		path := filepath.Join(dir, name)
-		require.NoError(t, os.WriteFile(path, buf.Bytes(), 0o600))
-		return path
-	}
-	out, err := exec.Command(openssl, "verify", "-purpose", "sslclient",
-		"-CAfile", write("roots.pem", roots),
-		"-untrusted", write("inter.pem", chain[1:]),
-		write("leaf.pem", chain[:1])).CombinedOutput()
-	require.NoError(t, err, string(out))
-	require.Contains(t, string(out), ": OK")
+	testca.RequireOpenSSLVerifies(t, time.Now(), roots, svid.Certificates)
 }
 
 func TestRenewWithCurrentSVID(t *testing.T) {
