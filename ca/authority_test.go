@@ -374,12 +374,12 @@ func TestUnmarshalAuthoritySetErrors(t *testing.T) {
 		{name: "no version", data: []byte(`{"trustDomain": "example.org"}`), wantErr: "ca: stored authority set has version 0; this build reads version 1"},
 		{name: "bad trust domain", data: edit(`"trustDomain": "example.org"`, `"trustDomain": "Example Org"`), wantErr: "ca: stored authority set: ", partial: true},
 		{name: "bad root certificate", data: edit(`"certificate": "-----BEGIN CERTIFICATE-----`, `"certificate": "-----BEGIN CERTIFICATE-----AAAA`), wantErr: "ca: stored root 0: ", partial: true},
-		{name: "root is not a certificate", data: edit(`"certificate": "-----BEGIN CERTIFICATE-----`, `"certificate": "-----BEGIN PRIVATE KEY-----`), wantErr: "ca: stored root 0: no PEM certificate found"},
-		{name: "no issuer", data: []byte(`{"version": 1, "trustDomain": "example.org"}`), wantErr: "ca: stored issuer: no PEM certificate found"},
+		{name: "root is not a certificate", data: edit(`"certificate": "-----BEGIN CERTIFICATE-----`, `"certificate": "-----BEGIN PRIVATE KEY-----`), wantErr: "ca: stored root 0: pemutil: no PEM certificate found"},
+		{name: "no issuer", data: []byte(`{"version": 1, "trustDomain": "example.org"}`), wantErr: "ca: stored issuer: pemutil: no PEM certificate found"},
 		{name: "bad root key", data: edit(`"privateKey": "-----BEGIN PRIVATE KEY-----\n`, `"privateKey": "-----BEGIN PRIVATE KEY-----\nAAAA`), wantErr: "ca: stored root 0: private key does not parse"},
 		{name: "root key not PEM", data: edit(`"privateKey": "-----BEGIN PRIVATE KEY-----\n`, `"privateKey": "nope`), wantErr: "ca: stored root 0: no PEM private key found"},
 		{name: "root key of another PEM type", data: edit(`"privateKey": "-----BEGIN PRIVATE KEY-----\n`, `"privateKey": "-----BEGIN PUBLIC KEY-----\n`), wantErr: "ca: stored root 0: no PEM private key found"},
-		{name: "bad chain", data: edit(`"version": 1,`, `"version": 1, "chain": ["nope"],`), wantErr: "ca: stored chain 0: no PEM certificate found"},
+		{name: "bad chain", data: edit(`"version": 1,`, `"version": 1, "chain": ["nope"],`), wantErr: "ca: stored chain 0: pemutil: no PEM certificate found"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/meshca/meshca/internal/pemutil"
 	"github.com/meshca/meshca/internal/securefile"
 )
 
@@ -39,7 +40,7 @@ func LoadFiles(td spiffeid.TrustDomain, f Files, now time.Time) (*AuthoritySet, 
 	if err != nil {
 		return nil, fmt.Errorf("ca: reading root certificate: %w", err)
 	}
-	roots, err := parseCertsPEM(rootsPEM)
+	roots, err := pemutil.ParseCertificates(rootsPEM)
 	if err != nil {
 		return nil, fmt.Errorf("ca: %s: %w", f.RootCert, err)
 	}
@@ -73,7 +74,7 @@ func LoadFiles(td spiffeid.TrustDomain, f Files, now time.Time) (*AuthoritySet, 
 		if err != nil {
 			return nil, fmt.Errorf("ca: reading certificate chain: %w", err)
 		}
-		chain, err := parseCertsPEM(chainPEM)
+		chain, err := pemutil.ParseCertificates(chainPEM)
 		if err != nil {
 			return nil, fmt.Errorf("ca: %s: %w", f.CertChain, err)
 		}

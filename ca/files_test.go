@@ -273,14 +273,14 @@ func TestLoadFilesRefusals(t *testing.T) {
 			name: "root file is not PEM",
 			modify: func(t *testing.T, f *ca.Files, _ *testca.CA) string {
 				writeFile(t, f.RootCert, []byte("not PEM"), 0o644)
-				return "ca: " + f.RootCert + ": no PEM certificate found"
+				return "ca: " + f.RootCert + ": pemutil: no PEM certificate found"
 			},
 		},
 		{
 			name: "root file holds a key",
 			modify: func(t *testing.T, f *ca.Files, _ *testca.CA) string {
 				writeFile(t, f.RootCert, pkcs8PEM(t, testca.NewKey(t)), 0o644)
-				return "ca: " + f.RootCert + `: PEM block "PRIVATE KEY" where a CERTIFICATE was expected`
+				return "ca: " + f.RootCert + `: pemutil: PEM block "PRIVATE KEY" where a CERTIFICATE was expected`
 			},
 		},
 		{
@@ -308,7 +308,7 @@ func TestLoadFilesRefusals(t *testing.T) {
 			name: "chain file is not PEM",
 			modify: func(t *testing.T, f *ca.Files, _ *testca.CA) string {
 				writeFile(t, f.CertChain, []byte("garbage"), 0o644)
-				return "ca: " + f.CertChain + ": no PEM certificate found"
+				return "ca: " + f.CertChain + ": pemutil: no PEM certificate found"
 			},
 		},
 	}

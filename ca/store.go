@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshca/meshca/internal/pemutil"
 )
 
 // ErrNotFound is returned by a Store that holds no authority set yet.
@@ -176,12 +178,10 @@ func unmarshalAuthority(s storedAuthority) (Authority, error) {
 	return a, nil
 }
 
-func certPEM(c *x509.Certificate) []byte {
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
-}
+func certPEM(c *x509.Certificate) []byte { return pemutil.EncodeCertificates(c) }
 
 func parseCertPEM(data []byte) (*x509.Certificate, error) {
-	certs, err := parseCertsPEM(data)
+	certs, err := pemutil.ParseCertificates(data)
 	if err != nil {
 		return nil, err
 	}
@@ -189,31 +189,6 @@ func parseCertPEM(data []byte) (*x509.Certificate, error) {
 		return nil, fmt.Errorf("want one certificate, found %d", len(certs))
 	}
 	return certs[0], nil
-}
-
-// parseCertsPEM parses every CERTIFICATE block of data and refuses any
-// other content.
-func parseCertsPEM(data []byte) ([]*x509.Certificate, error) {
-	var certs []*x509.Certificate
-	for {
-		var block *pem.Block
-		block, data = pem.Decode(data)
-		if block == nil {
-			break
-		}
-		if block.Type != "CERTIFICATE" {
-			return nil, fmt.Errorf("PEM block %q where a CERTIFICATE was expected", block.Type)
-		}
-		cert, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			return nil, err
-		}
-		certs = append(certs, cert)
-	}
-	if len(certs) == 0 {
-		return nil, errors.New("no PEM certificate found")
-	}
-	return certs, nil
 }
 
 // parseKeyPEM parses one private key: PKCS#8, SEC 1 (EC) or PKCS#1 (RSA).

@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"github.com/meshca/meshca/internal/pemutil"
 	"log/slog"
 	"net/url"
 	"sync"
@@ -262,7 +263,7 @@ func (s *Source) check(resp *meshcav1.SignResponse, key crypto.Signer) (*x509svi
 	if len(ders) == 0 {
 		return nil, nil, 0, errors.New("rotation: the CA's response has no certificate chain")
 	}
-	chain, err := parseCertificates(ders)
+	chain, err := pemutil.ParseDER(ders)
 	if err != nil {
 		return nil, nil, 0, fmt.Errorf("rotation: the CA's certificate chain: %w", err)
 	}
@@ -320,21 +321,9 @@ func (s *Source) parseBundle(pb *meshcav1.TrustBundle) (*x509bundle.Bundle, uint
 	if len(pb.GetX509Authorities()) == 0 {
 		return nil, 0, fmt.Errorf("bundle %d has no X.509 authorities", pb.GetSequence())
 	}
-	roots, err := parseCertificates(pb.GetX509Authorities())
+	roots, err := pemutil.ParseDER(pb.GetX509Authorities())
 	if err != nil {
 		return nil, 0, fmt.Errorf("bundle %d: %w", pb.GetSequence(), err)
 	}
 	return x509bundle.FromX509Authorities(td, roots), pb.GetSequence(), nil
-}
-
-func parseCertificates(ders [][]byte) ([]*x509.Certificate, error) {
-	certs := make([]*x509.Certificate, len(ders))
-	for i, der := range ders {
-		c, err := x509.ParseCertificate(der)
-		if err != nil {
-			return nil, fmt.Errorf("certificate %d: %w", i, err)
-		}
-		certs[i] = c
-	}
-	return certs, nil
 }

@@ -81,7 +81,7 @@ func TestWatch(t *testing.T) {
 	writeData(t, client, encode(t, set3))
 	requireSameSet(t, set3, next(t, sets))
 	require.Contains(t, logs.String(), `level=ERROR msg="skipping stored authorities that do not decode" secret=meshca/authorities`)
-	require.Contains(t, logs.String(), `error="ca: stored issuer: no PEM certificate found"`)
+	require.Contains(t, logs.String(), `error="ca: stored issuer: pemutil: no PEM certificate found"`)
 	require.NotContains(t, logs.String(), "SECRET")
 
 	// The watcher's own save is not reported back to it.

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/meshca/meshca/internal/pemutil"
 	"io"
 	"os"
 	"os/signal"
@@ -194,7 +195,7 @@ type rootInfo struct {
 
 // summarizeBundle checks that pb's roots parse and summarizes it.
 func summarizeBundle(pb *meshcav1.TrustBundle) (bundleInfo, error) {
-	certs, err := parseDERChain(pb.GetX509Authorities())
+	certs, err := pemutil.ParseDER(pb.GetX509Authorities())
 	if err != nil {
 		return bundleInfo{}, fmt.Errorf("the server's bundle: %w", err)
 	}
@@ -236,8 +237,8 @@ func writeBundle(w io.Writer, pb *meshcav1.TrustBundle, format, output string, w
 			body = append(body[:len(body):len(body)], '\n')
 		}
 	default:
-		certs, _ := parseDERChain(pb.GetX509Authorities())
-		body = encodeCertificates(certs)
+		certs, _ := pemutil.ParseDER(pb.GetX509Authorities())
+		body = pemutil.EncodeCertificates(certs...)
 	}
 	if watch {
 		if _, err := fmt.Fprintf(w, "# sequence %d, trust domain %s, %d root(s), received %s\n",

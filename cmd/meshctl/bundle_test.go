@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/x509"
 	"encoding/json"
+	"github.com/meshca/meshca/internal/pemutil"
 	"io"
 	"strings"
 	"sync"
@@ -47,7 +48,7 @@ func TestWriteBundle(t *testing.T) {
 	t.Run("pem", func(t *testing.T) {
 		var out bytes.Buffer
 		require.NoError(t, writeBundle(&out, pb, "pem", "text", false))
-		require.Equal(t, string(encodeCertificates(roots)), out.String())
+		require.Equal(t, string(pemutil.EncodeCertificates(roots...)), out.String())
 	})
 	t.Run("spiffe", func(t *testing.T) {
 		var out bytes.Buffer
@@ -78,8 +79,8 @@ func TestWriteBundle(t *testing.T) {
 		header, body, ok := strings.Cut(out.String(), "\n")
 		require.True(t, ok)
 		require.True(t, strings.HasPrefix(header, "# sequence 7, trust domain meshca.test, 2 root(s), received "), header)
-		require.Equal(t, string(encodeCertificates(roots)), body)
-		certs, err := parseCertificates(out.Bytes())
+		require.Equal(t, string(pemutil.EncodeCertificates(roots...)), body)
+		certs, err := pemutil.ParseCertificates(out.Bytes())
 		require.NoError(t, err)
 		require.Len(t, certs, 2)
 	})
@@ -98,8 +99,8 @@ func TestWriteBundleErrors(t *testing.T) {
 		format string
 		want   string
 	}{
-		{name: "no roots", pb: &meshcav1.TrustBundle{TrustDomain: "meshca.test"}, format: "pem", want: "the server's bundle: no certificates"},
-		{name: "bad root", pb: &meshcav1.TrustBundle{X509Authorities: [][]byte{{1, 2, 3}}}, format: "pem", want: "the server's bundle: certificate 0: x509: malformed certificate"},
+		{name: "no roots", pb: &meshcav1.TrustBundle{TrustDomain: "meshca.test"}, format: "pem", want: "the server's bundle: pemutil: no certificates"},
+		{name: "bad root", pb: &meshcav1.TrustBundle{X509Authorities: [][]byte{{1, 2, 3}}}, format: "pem", want: "the server's bundle: pemutil: certificate 0: x509: malformed certificate"},
 		{name: "no spiffe json", pb: &meshcav1.TrustBundle{X509Authorities: pb.GetX509Authorities()}, format: "spiffe", want: "the server sent no SPIFFE bundle (spiffe_json is empty)"},
 	}
 	for _, tt := range tests {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/x509"
 	"encoding/json"
+	"github.com/meshca/meshca/internal/pemutil"
 	"os"
 	"path/filepath"
 	"testing"
@@ -33,7 +34,7 @@ func runMeshctl(t *testing.T, args ...string) (string, error) {
 func writePEM(t *testing.T, certs ...*x509.Certificate) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "certs.pem")
-	require.NoError(t, os.WriteFile(path, encodeCertificates(certs), 0o600))
+	require.NoError(t, os.WriteFile(path, pemutil.EncodeCertificates(certs...), 0o600))
 	return path
 }
 
@@ -176,7 +177,7 @@ func TestInspectStdin(t *testing.T) {
 	chain := testChain(t)
 	r, w, err := os.Pipe()
 	require.NoError(t, err)
-	_, err = w.Write(encodeCertificates(chain))
+	_, err = w.Write(pemutil.EncodeCertificates(chain...))
 	require.NoError(t, err)
 	require.NoError(t, w.Close())
 	stdin := os.Stdin
@@ -200,8 +201,8 @@ func TestInspectErrors(t *testing.T) {
 		args []string
 		want string
 	}{
-		{name: "no certificate", args: []string{"inspect", noCerts}, want: noCerts + ": no PEM certificate found"},
-		{name: "empty file", args: []string{"inspect", empty}, want: empty + ": no PEM certificate found"},
+		{name: "no certificate", args: []string{"inspect", noCerts}, want: noCerts + ": pemutil: no PEM certificate found"},
+		{name: "empty file", args: []string{"inspect", empty}, want: empty + ": pemutil: no PEM certificate found"},
 		{name: "missing file", args: []string{"inspect", filepath.Join(dir, "nope.pem")}, want: "open " + filepath.Join(dir, "nope.pem") + ": no such file or directory"},
 		{name: "bad output", args: []string{"inspect", "-o", "yaml", empty}, want: `--output "yaml": want text or json`},
 		{name: "two files", args: []string{"inspect", empty, empty}, want: "accepts at most 1 arg(s), received 2"},

@@ -11,6 +11,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"github.com/meshca/meshca/internal/pemutil"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -133,11 +134,11 @@ func (o *issueOptions) run(cmd *cobra.Command) error {
 	if err != nil {
 		return fmt.Errorf("sign: %w", err)
 	}
-	chain, err := parseDERChain(resp.GetCertChain())
+	chain, err := pemutil.ParseDER(resp.GetCertChain())
 	if err != nil {
 		return fmt.Errorf("server's response: %w", err)
 	}
-	roots, err := parseDERChain(resp.GetBundle().GetX509Authorities())
+	roots, err := pemutil.ParseDER(resp.GetBundle().GetX509Authorities())
 	if err != nil {
 		return fmt.Errorf("server's bundle: %w", err)
 	}
@@ -193,21 +194,6 @@ func generateKey(kind string) (crypto.Signer, error) {
 	return nil, fmt.Errorf("--key-type %q: want ec-p256, ec-p384, rsa-2048, rsa-3072 or rsa-4096", kind)
 }
 
-func parseDERChain(ders [][]byte) ([]*x509.Certificate, error) {
-	if len(ders) == 0 {
-		return nil, errors.New("no certificates")
-	}
-	certs := make([]*x509.Certificate, len(ders))
-	for i, der := range ders {
-		c, err := x509.ParseCertificate(der)
-		if err != nil {
-			return nil, fmt.Errorf("certificate %d: %w", i, err)
-		}
-		certs[i] = c
-	}
-	return certs, nil
-}
-
 func outFiles(dir string) []string {
 	return []string{filepath.Join(dir, "svid.pem"), filepath.Join(dir, "svid-key.pem"), filepath.Join(dir, "bundle.pem")}
 }
@@ -227,8 +213,8 @@ func writeSVID(dir string, chain []*x509.Certificate, key crypto.Signer, roots [
 	if err := securefile.WriteFile(files[1], pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
 		return err
 	}
-	if err := securefile.WriteFile(files[0], encodeCertificates(chain), 0o644); err != nil {
+	if err := securefile.WriteFile(files[0], pemutil.EncodeCertificates(chain...), 0o644); err != nil {
 		return err
 	}
-	return securefile.WriteFile(files[2], encodeCertificates(roots), 0o644)
+	return securefile.WriteFile(files[2], pemutil.EncodeCertificates(roots...), 0o644)
 }
