@@ -58,10 +58,11 @@ var ErrNotApplicable = errors.New("identity: credential not of this authenticato
 
 // Chain returns an Authenticator that tries each of authns in order.
 //
-// The first success wins. An authenticator that does not apply, or that
-// does not know the token, passes to the next; any other refusal is final.
-// When none accepts, the caller gets the last "unknown" refusal, or one
-// saying no credential was presented.
+// The first success wins. An authenticator that does not apply, does not
+// know the token, or cannot check it now (unavailable, overloaded) passes
+// to the next; any other refusal is final. When none accepts, the caller
+// gets the first "cannot check now" refusal (retrying may work), else the
+// last "unknown" one, else one saying no credential was presented.
 func Chain(authns ...Authenticator) Authenticator {
 	return chain(authns)
 }
@@ -69,7 +70,7 @@ func Chain(authns ...Authenticator) Authenticator {
 type chain []Authenticator
 
 func (c chain) Authenticate(ctx context.Context, cred Credential) (Caller, error) {
-	var unknown error
+	var unknown, unavailable error
 	for _, a := range c {
 		caller, err := a.Authenticate(ctx, cred)
 		if err == nil {
@@ -82,8 +83,18 @@ func (c chain) Authenticate(ctx context.Context, cred Credential) (Caller, error
 		case errors.As(err, &ae) && ae.Reason == ReasonUnknownToken:
 			unknown = err
 			continue
+		case errors.As(err, &ae) && (ae.Reason == ReasonUnavailable || ae.Reason == ReasonOverloaded):
+			// The token could not be checked now; another credential of
+			// the same call (a valid SVID) may still do.
+			if unavailable == nil {
+				unavailable = err
+			}
+			continue
 		}
 		return Caller{}, err
+	}
+	if unavailable != nil {
+		return Caller{}, unavailable
 	}
 	if unknown != nil {
 		return Caller{}, unknown

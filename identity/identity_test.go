@@ -287,3 +287,25 @@ func FuzzParseBearer(f *testing.F) {
 		}
 	})
 }
+
+// A token that cannot be checked now (API server down, reviews
+// overloaded) does not stop a valid SVID on the same call; without one,
+// the caller learns that retrying may work.
+func TestChainPassesOverUnavailable(t *testing.T) {
+	root := testca.New(t, td)
+	svid := root.ChildCA().CreateX509SVID(demoID)
+	down := authenticatorFunc(func(_ context.Context, cred identity.Credential) (identity.Caller, error) {
+		if cred.Token == "" {
+			return identity.Caller{}, identity.ErrNotApplicable
+		}
+		return identity.Caller{}, &identity.AuthError{Reason: identity.ReasonUnavailable}
+	})
+	authn := identity.Chain(down, identity.NewSVIDAuthenticator(td, root.Bundle(), nil))
+
+	caller, err := authn.Authenticate(context.Background(), identity.Credential{Token: "a.b.c", PeerCertificates: svid.Certificates})
+	require.NoError(t, err)
+	require.Equal(t, demoID, caller.ID)
+
+	_, err = authn.Authenticate(context.Background(), identity.Credential{Token: "a.b.c"})
+	requireAuthReason(t, err, identity.ReasonUnavailable)
+}

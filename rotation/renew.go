@@ -7,7 +7,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"github.com/meshca/meshca/internal/pemutil"
 	"log/slog"
 	"net/url"
 	"sync"
@@ -22,6 +21,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/meshca/meshca/internal/pemutil"
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
 )
 

@@ -44,12 +44,16 @@ func newKubeEnv(cfg KubernetesConfig, log *slog.Logger) (*kubeEnv, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes: client config: %w", err)
 	}
+	// Two clients, each with its own rate limit, so that a flood of token
+	// reviews never delays Lease renewals, Secret writes or ConfigMaps.
+	// client-go's default of 5 requests/s is too slow for either: a
+	// restart storm brings a review per new workload, and a bundle change
+	// a ConfigMap update per namespace.
+	rc.QPS, rc.Burst = 50, 100
 	client, err := kubernetes.NewForConfig(rc)
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes: client: %w", err)
 	}
-	// A restart storm brings a TokenReview per new workload: client-go's
-	// default of 5 requests/s would turn it into time-outs.
 	rrc := rest.CopyConfig(rc)
 	rrc.QPS, rrc.Burst = 100, 200
 	reviews, err := kubernetes.NewForConfig(rrc)

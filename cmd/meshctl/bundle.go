@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/meshca/meshca/internal/pemutil"
 	"io"
 	"os"
 	"os/signal"
@@ -16,6 +15,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/meshca/meshca/internal/pemutil"
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
 )
 

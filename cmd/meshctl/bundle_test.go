@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/x509"
 	"encoding/json"
-	"github.com/meshca/meshca/internal/pemutil"
 	"io"
 	"strings"
 	"sync"
@@ -19,6 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/meshca/meshca/internal/pemutil"
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
 	"github.com/meshca/meshca/testca"
 )

@@ -38,7 +38,7 @@ func (f *serverFlags) register(cmd *cobra.Command) {
 	fl.StringVar(&f.address, "server", "127.0.0.1:8443", "meshca-server gRPC address")
 	fl.StringVar(&f.bundle, "ca-bundle", "", "PEM trust bundle to verify the server with (the server writes one to <data-dir>/bundle.pem)")
 	fl.StringVar(&f.serverID, "server-id", "", "SPIFFE ID the server must present (default spiffe://<bundle's trust domain>/meshca/server)")
-	fl.BoolVar(&f.insecure, "insecure", false, "do not verify the server's certificate (first contact only; anyone on the path can impersonate the server)")
+	fl.BoolVar(&f.insecure, "insecure", false, "do not verify the server's certificate (first contact, and never with a credential: anyone on the path can impersonate the server)")
 	fl.DurationVar(&f.timeout, "timeout", 10*time.Second, "deadline of each request")
 }
 
@@ -72,6 +72,9 @@ func (f *serverFlags) tlsConfig(svid x509svid.Source) (*tls.Config, error) {
 		return cfg, nil
 	}
 	if f.bundle == "" {
+		if f.sendsCredential {
+			return nil, errors.New("--ca-bundle is required to verify the server")
+		}
 		return nil, errors.New("--ca-bundle is required to verify the server (or --insecure for a first contact)")
 	}
 	var serverID spiffeid.ID

@@ -11,7 +11,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"github.com/meshca/meshca/internal/pemutil"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -24,6 +23,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/meshca/meshca/internal/pemutil"
 	"github.com/meshca/meshca/internal/securefile"
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
 )

@@ -3,9 +3,10 @@ package main
 import (
 	"crypto/x509"
 	"fmt"
-	"github.com/meshca/meshca/internal/pemutil"
 	"io"
 	"os"
+
+	"github.com/meshca/meshca/internal/pemutil"
 )
 
 // readCertificates reads every CERTIFICATE block of a PEM file ("-" for

@@ -22,8 +22,10 @@
 // it instead); and a review is cancelled as soon as every caller waiting
 // for it has left, rather than running on to the timeout.
 //
-// The Authenticator goes last in an identity.Chain, after the static
-// bootstrap tokens, which also read bearer tokens:
+// In an identity.Chain the Authenticator follows the static bootstrap
+// tokens, which also read bearer tokens, and comes before the SVID
+// authenticator, so that a workload whose certificate no longer verifies
+// recovers with its token:
 //
 //	reviews, err := tokenreview.New(clientset.AuthenticationV1(), tokenreview.Options{
 //		TrustDomain: td,
@@ -32,7 +34,7 @@
 //		Registerer:  reg,
 //	})
 //	if err != nil { ... }
-//	authn := identity.Chain(staticTokens, svids, reviews)
+//	authn := identity.Chain(staticTokens, reviews, svids)
 //
 // The CA's service account needs "create" on tokenreviews
 // (authentication.k8s.io); nothing else.
