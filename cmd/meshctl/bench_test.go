@@ -16,9 +16,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/meshca/meshca/testca"
 )
 
 func ms(f float64) time.Duration { return time.Duration(f * float64(time.Millisecond)) }
@@ -475,4 +478,20 @@ func TestInsecureNeverCarriesACredential(t *testing.T) {
 	cfg, err := f.tlsConfig(nil)
 	require.NoError(t, err)
 	require.True(t, cfg.InsecureSkipVerify, "bundle may fetch the bundle on first contact")
+}
+
+func TestCheckIssued(t *testing.T) {
+	td := spiffeid.RequireTrustDomainFromString("meshca.test")
+	id := spiffeid.RequireFromPath(td, "/ns/a/sa/b")
+	inter := testca.New(t, td).ChildCA()
+	svid := inter.CreateX509SVID(id)
+	key := svid.PrivateKey
+	roots := []*x509.Certificate{inter.Root().Cert}
+
+	require.NoError(t, checkIssued(svid.Certificates, roots, id, key))
+	require.EqualError(t, checkIssued(svid.Certificates, roots, spiffeid.RequireFromPath(td, "/other"), key),
+		`server issued a certificate for "spiffe://meshca.test/ns/a/sa/b"; asked for "spiffe://meshca.test/other"`)
+	require.EqualError(t, checkIssued(svid.Certificates, roots, id, testca.NewKey(t)), "server issued a certificate for another key")
+	err := checkIssued(svid.Certificates, []*x509.Certificate{testca.New(t, td).Cert}, id, key)
+	require.ErrorContains(t, err, "server's response does not verify against its bundle: ")
 }

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc/metadata"
@@ -142,6 +143,9 @@ func (o *issueOptions) run(cmd *cobra.Command) error {
 	if err != nil {
 		return fmt.Errorf("server's bundle: %w", err)
 	}
+	if err := checkIssued(chain, roots, id, key); err != nil {
+		return err
+	}
 	if err := writeSVID(o.outDir, chain, key, roots); err != nil {
 		return err
 	}
@@ -192,6 +196,22 @@ func generateKey(kind string) (crypto.Signer, error) {
 		return rsa.GenerateKey(rand.Reader, 4096)
 	}
 	return nil, fmt.Errorf("--key-type %q: want ec-p256, ec-p384, rsa-2048, rsa-3072 or rsa-4096", kind)
+}
+
+// checkIssued refuses to write a response that is not an X509-SVID of id
+// for key verified by roots: nothing a server sends is written unchecked.
+func checkIssued(chain, roots []*x509.Certificate, id spiffeid.ID, key crypto.Signer) error {
+	got, _, err := x509svid.Verify(chain, x509bundle.FromX509Authorities(id.TrustDomain(), roots))
+	if err != nil {
+		return fmt.Errorf("server's response does not verify against its bundle: %w", err)
+	}
+	if got != id {
+		return fmt.Errorf("server issued a certificate for %q; asked for %q", got, id)
+	}
+	if pub, ok := key.Public().(interface{ Equal(crypto.PublicKey) bool }); !ok || !pub.Equal(chain[0].PublicKey) {
+		return errors.New("server issued a certificate for another key")
+	}
+	return nil
 }
 
 func outFiles(dir string) []string {
