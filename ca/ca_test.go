@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/stretchr/testify/require"
@@ -579,4 +580,19 @@ func TestSignOpenSSLVerify(t *testing.T) {
 			require.Error(t, err, "openssl verified a leaf without its intermediate:\n%s", out)
 		})
 	}
+}
+
+func TestMarshalSPIFFEBundle(t *testing.T) {
+	root := testca.New(t, td)
+	doc, err := ca.MarshalSPIFFEBundle(root.Bundle(), 7, 5*time.Minute)
+	require.NoError(t, err)
+	sb, err := spiffebundle.Parse(td, doc)
+	require.NoError(t, err)
+	seq, ok := sb.SequenceNumber()
+	require.True(t, ok)
+	require.Equal(t, uint64(7), seq)
+	hint, ok := sb.RefreshHint()
+	require.True(t, ok)
+	require.Equal(t, 5*time.Minute, hint)
+	require.Equal(t, []*x509.Certificate{root.Cert}, sb.X509Authorities())
 }

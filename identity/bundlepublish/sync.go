@@ -9,11 +9,12 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/meshca/meshca/ca"
 )
 
 // result is what syncing one namespace did, as counted in metrics.
@@ -196,12 +197,9 @@ func encode(b *x509bundle.Bundle, seq uint64, hint time.Duration) (map[string]st
 	if err != nil {
 		return nil, fmt.Errorf("bundlepublish: encoding the bundle as PEM: %w", err)
 	}
-	sb := spiffebundle.FromX509Authorities(b.TrustDomain(), b.X509Authorities())
-	sb.SetSequenceNumber(seq)
-	sb.SetRefreshHint(hint)
-	doc, err := sb.Marshal()
+	doc, err := ca.MarshalSPIFFEBundle(b, seq, hint)
 	if err != nil {
-		return nil, fmt.Errorf("bundlepublish: encoding the SPIFFE bundle: %w", err)
+		return nil, fmt.Errorf("bundlepublish: %w", err)
 	}
 	return map[string]string{
 		KeyPEM:         string(pem),

@@ -4,13 +4,13 @@ import (
 	"context"
 	"sync"
 
-	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/meshca/meshca/ca"
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
 )
 
@@ -104,10 +104,7 @@ func (s *Server) newBundleProto(bundle *x509bundle.Bundle, seq uint64) *meshcav1
 	for i, r := range roots {
 		pb.X509Authorities[i] = r.Raw
 	}
-	sb := spiffebundle.FromX509Authorities(bundle.TrustDomain(), roots)
-	sb.SetSequenceNumber(seq)
-	sb.SetRefreshHint(s.hint)
-	if doc, err := sb.Marshal(); err == nil {
+	if doc, err := ca.MarshalSPIFFEBundle(bundle, seq, s.hint); err == nil {
 		pb.SpiffeJson = doc
 	} else {
 		s.log.Error("encoding the SPIFFE bundle", "error", err)
