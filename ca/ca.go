@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -42,6 +43,10 @@ type snapshot struct {
 	set    *AuthoritySet
 	bundle *x509bundle.Bundle
 	chain  []*x509.Certificate // issuer first, no root
+
+	// verified is set once a signature of the fast path (signLeaf) has
+	// been checked against the issuer's certificate.
+	verified atomic.Bool
 }
 
 // Issued is a signed certificate with the chain to serve with it.
@@ -175,13 +180,25 @@ func (c *CA) Sign(ctx context.Context, req SignRequest) (*Issued, error) {
 		return nil, err
 	}
 	tmpl := leafTemplate(req, serial, notBefore, notAfter)
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, issuer.Cert, req.PublicKey, issuer.Signer)
+	var der []byte
+	key, fast := fastSigner(tmpl, issuer)
+	if fast {
+		der, err = signLeaf(tmpl, issuer.Cert, req.PublicKey, key)
+	} else {
+		der, err = x509.CreateCertificate(rand.Reader, tmpl, issuer.Cert, req.PublicKey, issuer.Signer)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("ca: signing %q: %w", req.ID, err)
 	}
 	cert, err := x509.ParseCertificate(der)
 	if err != nil {
 		return nil, fmt.Errorf("ca: parsing the certificate just signed: %w", err)
+	}
+	if fast && !s.verified.Load() {
+		if err := cert.CheckSignatureFrom(issuer.Cert); err != nil {
+			return nil, fmt.Errorf("%w: %w", errSignature, err)
+		}
+		s.verified.Store(true)
 	}
 	chain := make([]*x509.Certificate, 0, 1+len(s.chain))
 	chain = append(chain, cert)

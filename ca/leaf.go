@@ -1,0 +1,165 @@
+package ca
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/asn1"
+	"errors"
+	"fmt"
+	"time"
+
+	"golang.org/x/crypto/cryptobyte"
+	cbasn1 "golang.org/x/crypto/cryptobyte/asn1"
+)
+
+// The leaf's fixed DER pieces (RFC 5280 4.1 and 4.2.1).
+var (
+	oidECDSAWithSHA256   = asn1.ObjectIdentifier{1, 2, 840, 10045, 4, 3, 2}
+	oidExtAuthorityKey   = asn1.ObjectIdentifier{2, 5, 29, 35}
+	oidExtExtKeyUsage    = asn1.ObjectIdentifier{2, 5, 29, 37}
+	oidExtSubjectAltName = asn1.ObjectIdentifier{2, 5, 29, 17}
+	oidServerAuth        = asn1.ObjectIdentifier{1, 3, 6, 1, 5, 5, 7, 3, 1}
+	oidClientAuth        = asn1.ObjectIdentifier{1, 3, 6, 1, 5, 5, 7, 3, 2}
+)
+
+// fastSigner reports whether the leaf tmpl can be signed by issuer on the
+// fast path: a workload leaf (a URI SAN, no DNS or IP SANs) under an
+// in-memory P-256 key.
+func fastSigner(tmpl *x509.Certificate, issuer Authority) (*ecdsa.PrivateKey, bool) {
+	key, ok := issuer.Signer.(*ecdsa.PrivateKey)
+	if !ok || key.Curve != elliptic.P256() || len(tmpl.DNSNames) > 0 || len(tmpl.IPAddresses) > 0 || len(tmpl.URIs) != 1 {
+		return nil, false
+	}
+	return key, true
+}
+
+// signLeaf encodes the X509-SVID leaf tmpl and signs it with key, once.
+//
+// x509.CreateCertificate encodes by reflection and then verifies the
+// signature it just made, to catch a faulty crypto.Signer (an HSM, a
+// KMS): together a third of the CA's CPU per certificate. key here is an
+// in-memory *ecdsa.PrivateKey signed with by Go's own implementation, not
+// such a signer; the CA still verifies the first signature of every issuer
+// (a key whose private half does not match its public half fails there),
+// and the encoding is tested to be byte for byte what CreateCertificate
+// makes. Anything else goes through CreateCertificate.
+func signLeaf(tmpl *x509.Certificate, parent *x509.Certificate, pub any, key *ecdsa.PrivateKey) ([]byte, error) {
+	spki, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return nil, fmt.Errorf("ca: encoding the subject key: %w", err)
+	}
+	var tbs cryptobyte.Builder
+	tbs.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
+		b.AddASN1(cbasn1.Tag(0).Constructed().ContextSpecific(), func(b *cryptobyte.Builder) {
+			b.AddASN1Int64(2) // v3
+		})
+		b.AddASN1BigInt(tmpl.SerialNumber)
+		addAlgorithm(b)
+		b.AddBytes(parent.RawSubject)
+		b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
+			addTime(b, tmpl.NotBefore)
+			addTime(b, tmpl.NotAfter)
+		})
+		b.AddASN1(cbasn1.SEQUENCE, func(*cryptobyte.Builder) {}) // empty subject
+		b.AddBytes(spki)
+		b.AddASN1(cbasn1.Tag(3).Constructed().ContextSpecific(), func(b *cryptobyte.Builder) {
+			b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
+				addLeafExtensions(b, tmpl, parent)
+			})
+		})
+	})
+	tbsDER, err := tbs.Bytes()
+	if err != nil {
+		return nil, fmt.Errorf("ca: encoding the certificate: %w", err)
+	}
+	digest := sha256.Sum256(tbsDER)
+	sig, err := ecdsa.SignASN1(rand.Reader, key, digest[:])
+	if err != nil {
+		return nil, fmt.Errorf("ca: signing: %w", err)
+	}
+	var cert cryptobyte.Builder
+	cert.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
+		b.AddBytes(tbsDER)
+		addAlgorithm(b)
+		b.AddASN1BitString(sig)
+	})
+	return cert.Bytes()
+}
+
+func addAlgorithm(b *cryptobyte.Builder) {
+	b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
+		b.AddASN1ObjectIdentifier(oidECDSAWithSHA256)
+	})
+}
+
+// addTime encodes t as encoding/asn1 does: UTCTime from 1950 to 2049,
+// GeneralizedTime otherwise, in whole seconds.
+func addTime(b *cryptobyte.Builder, t time.Time) {
+	t = t.UTC().Truncate(time.Second)
+	if y := t.Year(); y >= 1950 && y < 2050 {
+		b.AddASN1UTCTime(t)
+		return
+	}
+	b.AddASN1GeneralizedTime(t)
+}
+
+// addLeafExtensions adds the X509-SVID extensions in the order
+// x509.CreateCertificate writes them: keyUsage, extKeyUsage,
+// basicConstraints, authorityKeyIdentifier, subjectAltName.
+func addLeafExtensions(b *cryptobyte.Builder, tmpl, parent *x509.Certificate) {
+	addExtension(b, oidExtKeyUsage, true, func(b *cryptobyte.Builder) {
+		// A BIT STRING of the usages, first bit first, trailing zero
+		// bits cut: digitalSignature (bit 0), keyEncipherment (bit 2).
+		bits, unused := byte(0x80), byte(7)
+		if tmpl.KeyUsage&x509.KeyUsageKeyEncipherment != 0 {
+			bits, unused = 0xa0, 5
+		}
+		b.AddASN1(cbasn1.BIT_STRING, func(b *cryptobyte.Builder) {
+			b.AddUint8(unused)
+			b.AddUint8(bits)
+		})
+	})
+	addExtension(b, oidExtExtKeyUsage, false, func(b *cryptobyte.Builder) {
+		b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
+			b.AddASN1ObjectIdentifier(oidServerAuth)
+			b.AddASN1ObjectIdentifier(oidClientAuth)
+		})
+	})
+	addExtension(b, oidExtBasicConstraints, true, func(b *cryptobyte.Builder) {
+		b.AddASN1(cbasn1.SEQUENCE, func(*cryptobyte.Builder) {}) // CA=false
+	})
+	if len(parent.SubjectKeyId) > 0 {
+		addExtension(b, oidExtAuthorityKey, false, func(b *cryptobyte.Builder) {
+			b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
+				b.AddASN1(cbasn1.Tag(0).ContextSpecific(), func(b *cryptobyte.Builder) {
+					b.AddBytes(parent.SubjectKeyId)
+				})
+			})
+		})
+	}
+	// Critical: the subject is empty (RFC 5280 4.2.1.6).
+	addExtension(b, oidExtSubjectAltName, true, func(b *cryptobyte.Builder) {
+		b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
+			b.AddASN1(cbasn1.Tag(6).ContextSpecific(), func(b *cryptobyte.Builder) {
+				b.AddBytes([]byte(tmpl.URIs[0].String()))
+			})
+		})
+	})
+}
+
+func addExtension(b *cryptobyte.Builder, id asn1.ObjectIdentifier, critical bool, value func(*cryptobyte.Builder)) {
+	b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
+		b.AddASN1ObjectIdentifier(id)
+		if critical {
+			b.AddASN1Boolean(true)
+		}
+		b.AddASN1(cbasn1.OCTET_STRING, value)
+	})
+}
+
+// errSignature is a signature of the fast path that does not verify: the
+// issuer's private key does not match its certificate.
+var errSignature = errors.New("ca: the issuer's key made a signature its certificate does not verify")

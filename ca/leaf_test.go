@@ -1,0 +1,86 @@
+package ca_test
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	clocktesting "k8s.io/utils/clock/testing"
+
+	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/testca"
+)
+
+// TestSignMatchesCreateCertificate: the CA encodes workload leaves itself
+// (to sign once); what it encodes is, byte for byte, the TBSCertificate
+// that x509.CreateCertificate makes of the same certificate.
+func TestSignMatchesCreateCertificate(t *testing.T) {
+	p384, err := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	require.NoError(t, err)
+	rsa2048, err := rsa.GenerateKey(rand.Reader, 2048)
+	require.NoError(t, err)
+	for _, tt := range []struct {
+		name string
+		now  time.Time
+		ttl  time.Duration
+		key  crypto.Signer
+	}{
+		{name: "P-256 leaf", now: testNow(), key: testca.NewKey(t)},
+		{name: "P-384 leaf", now: testNow(), key: p384},
+		{name: "RSA leaf (keyEncipherment)", now: testNow(), key: rsa2048},
+		{name: "NotAfter in 2050 (GeneralizedTime)", now: time.Date(2049, 12, 31, 23, 0, 0, 0, time.UTC), ttl: 2 * time.Hour, key: testca.NewKey(t)},
+		{name: "short-lived", now: testNow(), ttl: 10 * time.Second, key: testca.NewKey(t)},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			inter := testca.New(t, td, testca.WithLifetime(tt.now.Add(-time.Hour), tt.now.Add(24*time.Hour))).
+				ChildCA(testca.WithLifetime(tt.now.Add(-time.Hour), tt.now.Add(24*time.Hour)))
+			c, err := ca.New(inter.AuthoritySet(), ca.Options{Clock: clocktesting.NewFakePassiveClock(tt.now)})
+			require.NoError(t, err)
+			issued, err := c.Sign(context.Background(), ca.SignRequest{PublicKey: tt.key.Public(), ID: workloadID, TTL: tt.ttl})
+			require.NoError(t, err)
+			got := issued.Cert
+			require.NoError(t, got.CheckSignatureFrom(inter.Cert))
+
+			// The same certificate, made by crypto/x509.
+			tmpl := &x509.Certificate{
+				SerialNumber:          got.SerialNumber,
+				NotBefore:             got.NotBefore,
+				NotAfter:              got.NotAfter,
+				URIs:                  got.URIs,
+				KeyUsage:              got.KeyUsage,
+				ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+				BasicConstraintsValid: true,
+			}
+			der, err := x509.CreateCertificate(rand.Reader, tmpl, inter.Cert, tt.key.Public(), inter.Key)
+			require.NoError(t, err)
+			want, err := x509.ParseCertificate(der)
+			require.NoError(t, err)
+			require.Equal(t, want.RawTBSCertificate, got.RawTBSCertificate)
+			require.Equal(t, want.SignatureAlgorithm, got.SignatureAlgorithm)
+		})
+	}
+}
+
+// An issuer whose private key does not match its certificate is caught
+// by the first signature, not served.
+func TestSignCatchesAMismatchedKey(t *testing.T) {
+	inter := testca.New(t, td).ChildCA()
+	set := inter.AuthoritySet()
+	good := set.Issuer.Signer.(*ecdsa.PrivateKey)
+	other := testca.NewKey(t).(*ecdsa.PrivateKey)
+	// The public half is right (Validate passes), the private half is not.
+	bad := *other
+	bad.PublicKey = good.PublicKey
+	set.Issuer.Signer = &bad
+	c, err := ca.New(set, ca.Options{})
+	require.NoError(t, err)
+	_, err = c.Sign(context.Background(), ca.SignRequest{PublicKey: testca.NewKey(t).Public(), ID: workloadID})
+	require.ErrorContains(t, err, "ca: the issuer's key made a signature its certificate does not verify")
+}
