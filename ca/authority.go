@@ -263,21 +263,7 @@ func NewRoot(opts AuthorityOptions) (Authority, error) {
 		return Authority{}, errors.New("ca: a trust domain is required")
 	}
 	now := opts.Clock.Now()
-	key, err := newCAKey()
-	if err != nil {
-		return Authority{}, err
-	}
-	serial, err := newSerial()
-	if err != nil {
-		return Authority{}, err
-	}
-	name := fmt.Sprintf("meshca root %s %x", opts.TrustDomain.Name(), serial.Bytes()[:4])
-	tmpl := caTemplate(opts.TrustDomain, name, serial, now.Add(-backdate(opts.RootTTL)), now.Add(opts.RootTTL), false)
-	cert, err := createCertificate(tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		return Authority{}, err
-	}
-	return Authority{Cert: cert, Signer: key}, nil
+	return newCA(opts, "root", now, now.Add(opts.RootTTL), nil)
 }
 
 // NewIntermediate creates an intermediate with a new P-256 key signed by
@@ -289,6 +275,19 @@ func NewIntermediate(opts AuthorityOptions, parent Authority) (Authority, error)
 		return Authority{}, fmt.Errorf("ca: the key of %q is not held here; it cannot sign an intermediate", parent.Cert.Subject)
 	}
 	now := opts.Clock.Now()
+	notAfter := now.Add(opts.IntermediateTTL)
+	if parent.Cert.NotAfter.Before(notAfter) {
+		notAfter = parent.Cert.NotAfter
+	}
+	return newCA(opts, "intermediate", now, notAfter, &parent)
+}
+
+// newCA creates a CA certificate with a new P-256 key, valid from now
+// (backdated) until notAfter, signed by parent or, when parent is nil,
+// self-signed. Its subject names its kind and serial, so that two CAs of
+// one trust domain are told apart by every verifier. An intermediate may
+// sign only leaves.
+func newCA(opts AuthorityOptions, kind string, now, notAfter time.Time, parent *Authority) (Authority, error) {
 	key, err := newCAKey()
 	if err != nil {
 		return Authority{}, err
@@ -297,13 +296,13 @@ func NewIntermediate(opts AuthorityOptions, parent Authority) (Authority, error)
 	if err != nil {
 		return Authority{}, err
 	}
-	notAfter := now.Add(opts.IntermediateTTL)
-	if parent.Cert.NotAfter.Before(notAfter) {
-		notAfter = parent.Cert.NotAfter
+	name := fmt.Sprintf("meshca %s %s %x", kind, opts.TrustDomain.Name(), serial.Bytes()[:4])
+	tmpl := caTemplate(opts.TrustDomain, name, serial, now.Add(-backdate(notAfter.Sub(now))), notAfter, parent != nil)
+	issuerCert, signer := tmpl, crypto.Signer(key)
+	if parent != nil {
+		issuerCert, signer = parent.Cert, parent.Signer
 	}
-	name := fmt.Sprintf("meshca intermediate %s %x", opts.TrustDomain.Name(), serial.Bytes()[:4])
-	tmpl := caTemplate(opts.TrustDomain, name, serial, now.Add(-backdate(notAfter.Sub(now))), notAfter, true)
-	cert, err := createCertificate(tmpl, parent.Cert, key.Public(), parent.Signer)
+	cert, err := createCertificate(tmpl, issuerCert, key.Public(), signer)
 	if err != nil {
 		return Authority{}, err
 	}
