@@ -32,16 +32,20 @@ func (f *adminFlags) register(cmd *cobra.Command) {
 	fl.StringVarP(&f.output, "output", "o", "text", "output format: text or json")
 }
 
-func (f *adminFlags) client() (adminv1.AdminServiceClient, func(), error) {
+// call runs fn with an admin client and a context bounded by --timeout.
+func (f *adminFlags) call(cmd *cobra.Command, fn func(context.Context, adminv1.AdminServiceClient) error) error {
 	if f.output != "text" && f.output != "json" {
-		return nil, nil, fmt.Errorf("--output %q: want text or json", f.output)
+		return fmt.Errorf("--output %q: want text or json", f.output)
 	}
 	// The socket's file mode is the access control; there is no TLS on it.
 	conn, err := grpc.NewClient("unix:"+f.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
-		return nil, nil, fmt.Errorf("admin socket %s: %w", f.socket, err)
+		return fmt.Errorf("admin socket %s: %w", f.socket, err)
 	}
-	return adminv1.NewAdminServiceClient(conn), func() { conn.Close() }, nil
+	defer conn.Close()
+	ctx, cancel := contextWithTimeout(cmd, f.timeout)
+	defer cancel()
+	return fn(ctx, adminv1.NewAdminServiceClient(conn))
 }
 
 func newRootRotationCommand() *cobra.Command {
@@ -90,22 +94,17 @@ func newRootStatusCommand() *cobra.Command {
 		Short: "Show the roots, the intermediates and the propagation of a prepared root",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			client, done, err := f.client()
-			if err != nil {
-				return err
-			}
-			defer done()
-			ctx, cancel := contextWithTimeout(cmd, f.timeout)
-			defer cancel()
-			st, err := client.RootStatus(ctx, &adminv1.RootStatusRequest{})
-			if err != nil {
-				return fmt.Errorf("root status: %w", err)
-			}
-			if f.output == "json" {
-				return writeProtoJSON(cmd.OutOrStdout(), st)
-			}
-			printRootStatus(cmd.OutOrStdout(), st)
-			return nil
+			return f.call(cmd, func(ctx context.Context, client adminv1.AdminServiceClient) error {
+				st, err := client.RootStatus(ctx, &adminv1.RootStatusRequest{})
+				if err != nil {
+					return fmt.Errorf("root status: %w", err)
+				}
+				if f.output == "json" {
+					return writeProtoJSON(cmd.OutOrStdout(), st)
+				}
+				printRootStatus(cmd.OutOrStdout(), st)
+				return nil
+			})
 		},
 	}
 	f.register(cmd)
@@ -122,30 +121,25 @@ func newAdminStepCommand(use, short string, step adminStep) *cobra.Command {
 		Short: short,
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			client, done, err := f.client()
-			if err != nil {
-				return err
-			}
-			defer done()
-			ctx, cancel := contextWithTimeout(cmd, f.timeout)
-			defer cancel()
-			resp, err := step(client, ctx, &adminv1.OperationRequest{Force: force, DryRun: dryRun})
-			if err != nil {
-				return fmt.Errorf("%s %s: %w", cmd.Parent().Name(), cmd.Name(), err)
-			}
-			if f.output == "json" {
-				return writeProtoJSON(cmd.OutOrStdout(), resp)
-			}
-			out := cmd.OutOrStdout()
-			if resp.GetForced() {
-				fmt.Fprintln(out, "FORCED: a refusal was overridden; this is audited.")
-			}
-			fmt.Fprintln(out, resp.GetSummary())
-			if resp.GetApplied() {
-				fmt.Fprintln(out)
-				printRootStatus(out, resp.GetStatus())
-			}
-			return nil
+			return f.call(cmd, func(ctx context.Context, client adminv1.AdminServiceClient) error {
+				resp, err := step(client, ctx, &adminv1.OperationRequest{Force: force, DryRun: dryRun})
+				if err != nil {
+					return fmt.Errorf("%s %s: %w", cmd.Parent().Name(), cmd.Name(), err)
+				}
+				if f.output == "json" {
+					return writeProtoJSON(cmd.OutOrStdout(), resp)
+				}
+				out := cmd.OutOrStdout()
+				if resp.GetForced() {
+					fmt.Fprintln(out, "FORCED: a refusal was overridden; this is audited.")
+				}
+				fmt.Fprintln(out, resp.GetSummary())
+				if resp.GetApplied() {
+					fmt.Fprintln(out)
+					printRootStatus(out, resp.GetStatus())
+				}
+				return nil
+			})
 		},
 	}
 	f.register(cmd)
