@@ -164,6 +164,9 @@ func (c *CA) Sign(ctx context.Context, req SignRequest) (*Issued, error) {
 	if req.ID.TrustDomain() != c.td {
 		return nil, fmt.Errorf("ca: cannot sign %q: not in trust domain %q", req.ID, c.td)
 	}
+	if req.DNSOnly && len(req.DNSNames) == 0 {
+		return nil, fmt.Errorf("ca: cannot sign %q: a DNSOnly request needs DNSNames", req.ID)
+	}
 	s := c.snapshot()
 	issuer := s.set.Issuer
 	now := c.clock.Now()

@@ -8,7 +8,9 @@ import (
 	"crypto/x509"
 	"encoding/asn1"
 	"encoding/pem"
+	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -38,6 +40,7 @@ const (
 	ReasonTrustDomain  CSRReason = "wrong_trust_domain"
 	ReasonForbiddenSAN CSRReason = "forbidden_san"
 	ReasonCARequest    CSRReason = "ca_request"
+	ReasonDNSSAN       CSRReason = "bad_dns_san"
 )
 
 // CSRError is a CSR refused for a reason that is the caller's to fix.
@@ -60,18 +63,28 @@ func csrErrorf(reason CSRReason, err error, format string, args ...any) *CSRErro
 	return &CSRError{Reason: reason, msg: fmt.Sprintf(format, args...), err: err}
 }
 
-// CSRPolicy bounds what ParseCSR accepts. The zero value is the default.
-// Whatever the policy, a CSR carries exactly one URI SAN, its SPIFFE ID,
-// and nothing else.
+// CSRPolicy bounds what ParseCSR and ParseDNSCSR accept. The zero value
+// is the default. Whatever the policy, a CSR carries exactly one SAN of its
+// form (ParseCSR: a URI SAN, its SPIFFE ID; ParseDNSCSR: a DNS SAN) and
+// nothing else.
 type CSRPolicy struct {
 	// MaxSize is the largest CSR accepted; zero means MaxCSRSize.
 	MaxSize int
+
+	// RequirePEM refuses a DER request: for APIs whose CSR is a PEM string
+	// (Istio's), where DER can only be a client's mistake.
+	RequirePEM bool
 }
 
 // CSR is a parsed, verified certificate signing request.
 type CSR struct {
-	// ID is the SPIFFE ID the CSR asks for: its only URI SAN.
+	// ID is the SPIFFE ID the CSR asks for: its only URI SAN. It is zero
+	// for a request of the DNS form (ParseDNSCSR).
 	ID spiffeid.ID
+
+	// DNSName is the CSR's only DNS SAN, for a request of the DNS form
+	// (ParseDNSCSR); empty otherwise.
+	DNSName string
 
 	// PublicKey is the requester's key, of a supported type and size.
 	PublicKey any
@@ -90,6 +103,52 @@ var (
 // the X509-SVID profile and td, and returns it. Every refusal is a
 // *CSRError.
 func ParseCSR(raw []byte, td spiffeid.TrustDomain, policy CSRPolicy) (*CSR, error) {
+	req, err := parseRequest(raw, policy, checkKey)
+	if err != nil {
+		return nil, err
+	}
+	id, err := csrID(req, td)
+	if err != nil {
+		return nil, err
+	}
+	// A DNS SAN a front end needs (Linkerd's identity name) comes from a
+	// request of the DNS form, ParseDNSCSR, never from an X509-SVID one.
+	if len(req.DNSNames) > 0 || len(req.IPAddresses) > 0 || len(req.EmailAddresses) > 0 {
+		return nil, csrErrorf(ReasonForbiddenSAN, nil, "CSR asks for DNS, IP or email SANs; an X509-SVID request carries only its SPIFFE ID")
+	}
+	return &CSR{ID: id, PublicKey: req.PublicKey, Raw: req}, nil
+}
+
+// ParseDNSCSR parses a PKCS#10 request of the DNS form, the one Linkerd's
+// proxies send: an ECDSA P-256 key, exactly one DNS SAN, a lowercase DNS
+// name, and no URI, IP or email SAN. The signature, the size and the CA
+// extensions are checked as ParseCSR checks them, and the subject is
+// ignored as ParseCSR ignores it. What the DNS name may be is the caller's
+// to decide. Every refusal is a *CSRError.
+func ParseDNSCSR(raw []byte, policy CSRPolicy) (*CSR, error) {
+	req, err := parseRequest(raw, policy, checkP256Key)
+	if err != nil {
+		return nil, err
+	}
+	if len(req.URIs) > 0 || len(req.IPAddresses) > 0 || len(req.EmailAddresses) > 0 {
+		return nil, csrErrorf(ReasonForbiddenSAN, nil, "CSR asks for URI, IP or email SANs; a request of the DNS form carries only its DNS name")
+	}
+	switch n := len(req.DNSNames); {
+	case n == 0:
+		return nil, csrErrorf(ReasonDNSSAN, nil, "CSR has no DNS SAN; put the identity name in exactly one")
+	case n > 1:
+		return nil, csrErrorf(ReasonDNSSAN, nil, "CSR has %d DNS SANs; put the identity name in exactly one", n)
+	}
+	name := req.DNSNames[0]
+	if err := checkDNSName(name); err != nil {
+		return nil, csrErrorf(ReasonDNSSAN, err, "CSR DNS SAN %.253q is not a lowercase DNS name", name)
+	}
+	return &CSR{DNSName: name, PublicKey: req.PublicKey, Raw: req}, nil
+}
+
+// parseRequest runs the checks every form shares: size, encoding, PKCS#10
+// parse, key (by checkKey), signature and CA extensions.
+func parseRequest(raw []byte, policy CSRPolicy, checkKey func(any) error) (*x509.CertificateRequest, error) {
 	maxSize := policy.MaxSize
 	if maxSize <= 0 {
 		maxSize = MaxCSRSize
@@ -99,6 +158,9 @@ func ParseCSR(raw []byte, td spiffeid.TrustDomain, policy CSRPolicy) (*CSR, erro
 	}
 	if len(raw) == 0 {
 		return nil, csrErrorf(ReasonMalformed, nil, "CSR is empty")
+	}
+	if policy.RequirePEM && !isPEM(raw) {
+		return nil, csrErrorf(ReasonMalformed, nil, "CSR is not PEM; send a PEM block of type \"CERTIFICATE REQUEST\"")
 	}
 	der, err := csrDER(raw)
 	if err != nil {
@@ -119,20 +181,15 @@ func ParseCSR(raw []byte, td spiffeid.TrustDomain, policy CSRPolicy) (*CSR, erro
 	if err := checkCARequest(req); err != nil {
 		return nil, err
 	}
-	id, err := csrID(req, td)
-	if err != nil {
-		return nil, err
-	}
-	// A DNS SAN a front end needs (Linkerd's identity name) is derived from
-	// the credential and checked by that front end, never copied from here.
-	if len(req.DNSNames) > 0 || len(req.IPAddresses) > 0 || len(req.EmailAddresses) > 0 {
-		return nil, csrErrorf(ReasonForbiddenSAN, nil, "CSR asks for DNS, IP or email SANs; an X509-SVID request carries only its SPIFFE ID")
-	}
-	return &CSR{ID: id, PublicKey: req.PublicKey, Raw: req}, nil
+	return req, nil
+}
+
+func isPEM(raw []byte) bool {
+	return bytes.HasPrefix(bytes.TrimSpace(raw), []byte("-----BEGIN"))
 }
 
 func csrDER(raw []byte) ([]byte, error) {
-	if !bytes.HasPrefix(bytes.TrimSpace(raw), []byte("-----BEGIN")) {
+	if !isPEM(raw) {
 		return raw, nil
 	}
 	block, rest := pem.Decode(raw)
@@ -167,6 +224,44 @@ func checkKey(pub any) error {
 		return csrErrorf(ReasonKey, nil, "CSR key algorithm is unknown; use ECDSA P-256, P-384 or RSA")
 	}
 	return csrErrorf(ReasonKey, nil, "CSR key type %T is not supported; use ECDSA P-256, P-384 or RSA", pub)
+}
+
+// checkP256Key accepts ECDSA P-256 only, the one key of the DNS form.
+func checkP256Key(pub any) error {
+	if k, ok := pub.(*ecdsa.PublicKey); ok {
+		if k.Curve == elliptic.P256() {
+			return nil
+		}
+		return csrErrorf(ReasonKey, nil, "ECDSA curve %s is not supported for this request; use P-256", k.Curve.Params().Name)
+	}
+	if pub == nil {
+		return csrErrorf(ReasonKey, nil, "CSR key algorithm is unknown; use ECDSA P-256")
+	}
+	return csrErrorf(ReasonKey, nil, "CSR key type %T is not supported for this request; use ECDSA P-256", pub)
+}
+
+// checkDNSName accepts a fully qualified DNS name without a trailing dot:
+// at most 253 bytes, of labels of 1 to 63 lowercase letters, digits and
+// hyphens, neither starting nor ending with a hyphen. Wildcards and
+// upper case are refused: an identity name has one spelling.
+func checkDNSName(name string) error {
+	if len(name) > 253 {
+		return fmt.Errorf("it is %d bytes, more than 253", len(name))
+	}
+	for label := range strings.SplitSeq(name, ".") {
+		if len(label) == 0 || len(label) > 63 {
+			return errors.New("a label is empty or longer than 63 bytes")
+		}
+		if label[0] == '-' || label[len(label)-1] == '-' {
+			return errors.New("a label starts or ends with a hyphen")
+		}
+		for i := 0; i < len(label); i++ {
+			if c := label[i]; (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '-' {
+				return errors.New("it has a character other than a-z, 0-9, '-' and '.'")
+			}
+		}
+	}
+	return nil
 }
 
 // checkCARequest refuses a request whose extensions ask to be a CA: we

@@ -588,3 +588,133 @@ func FuzzParseCSR(f *testing.F) {
 		}
 	})
 }
+
+const linkerdName = "web.default.serviceaccount.identity.linkerd.cluster.local"
+
+func dnsCSR(t testing.TB, key crypto.Signer, tmpl *x509.CertificateRequest) []byte {
+	t.Helper()
+	if tmpl.DNSNames == nil {
+		tmpl.DNSNames = []string{linkerdName}
+	}
+	return testca.SignCSR(t, tmpl, key)
+}
+
+func TestParseDNSCSR(t *testing.T) {
+	key := testca.NewKey(t)
+	der := dnsCSR(t, key, &x509.CertificateRequest{})
+	for _, tt := range []struct {
+		name string
+		raw  []byte
+	}{
+		{name: "DER", raw: der},
+		{name: "PEM", raw: csrPEM(der)},
+		// Linkerd's own identity service allows the name as the common
+		// name; the subject is never copied, so any is ignored.
+		{name: "common name of the identity", raw: dnsCSR(t, key, &x509.CertificateRequest{Subject: pkix.Name{CommonName: linkerdName}})},
+		{name: "another subject", raw: dnsCSR(t, key, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "x", Organization: []string{"acme"}}})},
+		{name: "single label", raw: dnsCSR(t, key, &x509.CertificateRequest{DNSNames: []string{"web"}})},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			csr, err := ca.ParseDNSCSR(tt.raw, ca.CSRPolicy{})
+			require.NoError(t, err)
+			require.True(t, key.Public().(*ecdsa.PublicKey).Equal(csr.PublicKey))
+			require.Equal(t, csr.Raw.DNSNames[0], csr.DNSName)
+			require.True(t, csr.ID.IsZero())
+		})
+	}
+}
+
+func TestParseDNSCSRRefusals(t *testing.T) {
+	key := testca.NewKey(t)
+	valid := dnsCSR(t, key, &x509.CertificateRequest{})
+	_, edKey, err := ed25519.GenerateKey(rand.Reader)
+	require.NoError(t, err)
+	for _, tt := range []struct {
+		name    string
+		raw     []byte
+		policy  ca.CSRPolicy
+		reason  ca.CSRReason
+		wantErr string
+		errPart string
+	}{
+		{name: "empty", raw: nil, reason: ca.ReasonMalformed, wantErr: "ca: CSR is empty"},
+		{name: "over a custom size limit", raw: valid, policy: ca.CSRPolicy{MaxSize: 100}, reason: ca.ReasonTooLarge, wantErr: "ca: CSR is " + strconv.Itoa(len(valid)) + " bytes, more than the limit of 100"},
+		{name: "garbage", raw: []byte("garbage"), reason: ca.ReasonMalformed, errPart: "ca: CSR is not a PKCS#10 request: "},
+		{name: "tampered signature", raw: tamperSignature(t, valid), reason: ca.ReasonSignature, errPart: "ca: CSR signature does not verify: "},
+		{name: "P-384", raw: dnsCSR(t, ecKey(t, elliptic.P384()), &x509.CertificateRequest{}), reason: ca.ReasonKey, wantErr: "ca: ECDSA curve P-384 is not supported for this request; use P-256"},
+		{name: "RSA 2048", raw: dnsCSR(t, rsaKey(t, 2048), &x509.CertificateRequest{}), reason: ca.ReasonKey, wantErr: "ca: CSR key type *rsa.PublicKey is not supported for this request; use ECDSA P-256"},
+		{name: "ed25519", raw: dnsCSR(t, edKey, &x509.CertificateRequest{}), reason: ca.ReasonKey, wantErr: "ca: CSR key type ed25519.PublicKey is not supported for this request; use ECDSA P-256"},
+		{name: "no DNS SAN", raw: testca.CreateCSR(t, key), reason: ca.ReasonDNSSAN, wantErr: "ca: CSR has no DNS SAN; put the identity name in exactly one"},
+		{name: "two DNS SANs", raw: dnsCSR(t, key, &x509.CertificateRequest{DNSNames: []string{linkerdName, "other.example.org"}}), reason: ca.ReasonDNSSAN, wantErr: "ca: CSR has 2 DNS SANs; put the identity name in exactly one"},
+		{name: "URI SAN", raw: dnsCSR(t, key, &x509.CertificateRequest{URIs: []*url.URL{workloadID.URL()}}), reason: ca.ReasonForbiddenSAN, wantErr: "ca: CSR asks for URI, IP or email SANs; a request of the DNS form carries only its DNS name"},
+		{name: "URI SAN only", raw: testca.CreateCSR(t, key, workloadID.String()), reason: ca.ReasonForbiddenSAN, wantErr: "ca: CSR asks for URI, IP or email SANs; a request of the DNS form carries only its DNS name"},
+		{name: "IP SAN", raw: dnsCSR(t, key, &x509.CertificateRequest{IPAddresses: []net.IP{net.IPv4(10, 0, 0, 1)}}), reason: ca.ReasonForbiddenSAN, wantErr: "ca: CSR asks for URI, IP or email SANs; a request of the DNS form carries only its DNS name"},
+		{name: "email SAN", raw: dnsCSR(t, key, &x509.CertificateRequest{EmailAddresses: []string{"web@example.org"}}), reason: ca.ReasonForbiddenSAN, wantErr: "ca: CSR asks for URI, IP or email SANs; a request of the DNS form carries only its DNS name"},
+		{name: "CA=true", raw: dnsCSR(t, key, &x509.CertificateRequest{ExtraExtensions: []pkix.Extension{basicConstraintsExt(t, true)}}), reason: ca.ReasonCARequest, wantErr: "ca: CSR asks for CA=true; workload certificates are never CAs"},
+		{name: "upper case", raw: dnsCSR(t, key, &x509.CertificateRequest{DNSNames: []string{"Web.default.svc"}}), reason: ca.ReasonDNSSAN, wantErr: `ca: CSR DNS SAN "Web.default.svc" is not a lowercase DNS name: it has a character other than a-z, 0-9, '-' and '.'`},
+		{name: "wildcard", raw: dnsCSR(t, key, &x509.CertificateRequest{DNSNames: []string{"*.default.svc"}}), reason: ca.ReasonDNSSAN, wantErr: `ca: CSR DNS SAN "*.default.svc" is not a lowercase DNS name: it has a character other than a-z, 0-9, '-' and '.'`},
+		{name: "trailing dot", raw: dnsCSR(t, key, &x509.CertificateRequest{DNSNames: []string{"web.default.svc."}}), reason: ca.ReasonDNSSAN, wantErr: `ca: CSR DNS SAN "web.default.svc." is not a lowercase DNS name: a label is empty or longer than 63 bytes`},
+		{name: "leading hyphen", raw: dnsCSR(t, key, &x509.CertificateRequest{DNSNames: []string{"-web.default"}}), reason: ca.ReasonDNSSAN, wantErr: `ca: CSR DNS SAN "-web.default" is not a lowercase DNS name: a label starts or ends with a hyphen`},
+		{name: "label over 63", raw: dnsCSR(t, key, &x509.CertificateRequest{DNSNames: []string{strings.Repeat("a", 64) + ".default"}}), reason: ca.ReasonDNSSAN, wantErr: `ca: CSR DNS SAN "` + strings.Repeat("a", 64) + `.default" is not a lowercase DNS name: a label is empty or longer than 63 bytes`},
+		{name: "name over 253", raw: dnsCSR(t, key, &x509.CertificateRequest{DNSNames: []string{strings.Repeat("a.", 127) + "a"}}), reason: ca.ReasonDNSSAN, errPart: `ca: CSR DNS SAN "a.a.`},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			csr, err := ca.ParseDNSCSR(tt.raw, tt.policy)
+			require.Nil(t, csr)
+			var csrErr *ca.CSRError
+			require.ErrorAs(t, err, &csrErr)
+			require.Equal(t, tt.reason, csrErr.Reason)
+			if tt.wantErr != "" {
+				require.EqualError(t, err, tt.wantErr)
+			} else {
+				require.True(t, strings.HasPrefix(err.Error(), tt.errPart), "error %q does not start with %q", err, tt.errPart)
+			}
+		})
+	}
+	t.Run("name over 253 says so", func(t *testing.T) {
+		_, err := ca.ParseDNSCSR(dnsCSR(t, key, &x509.CertificateRequest{DNSNames: []string{strings.Repeat("a.", 127) + "a"}}), ca.CSRPolicy{})
+		require.ErrorContains(t, err, "is not a lowercase DNS name: it is 255 bytes, more than 253")
+	})
+}
+
+// RequirePEM refuses DER, for APIs whose CSR is a PEM string.
+func TestCSRPolicyRequirePEM(t *testing.T) {
+	key := testca.NewKey(t)
+	der := testca.CreateCSR(t, key, workloadID.String())
+	_, err := ca.ParseCSR(csrPEM(der), td, ca.CSRPolicy{RequirePEM: true})
+	require.NoError(t, err)
+	_, err = ca.ParseCSR(der, td, ca.CSRPolicy{RequirePEM: true})
+	var csrErr *ca.CSRError
+	require.ErrorAs(t, err, &csrErr)
+	require.Equal(t, ca.ReasonMalformed, csrErr.Reason)
+	require.EqualError(t, err, `ca: CSR is not PEM; send a PEM block of type "CERTIFICATE REQUEST"`)
+}
+
+func FuzzParseDNSCSR(f *testing.F) {
+	key := testca.NewKey(f)
+	der := dnsCSR(f, key, &x509.CertificateRequest{})
+	f.Add(der)
+	f.Add(csrPEM(der))
+	f.Add(dnsCSR(f, key, &x509.CertificateRequest{DNSNames: []string{"a", "b"}}))
+	f.Add(testca.CreateCSR(f, key, workloadID.String()))
+	f.Add([]byte{0x30, 0x00})
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		csr, err := ca.ParseDNSCSR(raw, ca.CSRPolicy{})
+		if err != nil {
+			var csrErr *ca.CSRError
+			require.ErrorAs(t, err, &csrErr)
+			require.NotEmpty(t, csrErr.Reason)
+			require.Nil(t, csr)
+			return
+		}
+		require.Equal(t, []string{csr.DNSName}, csr.Raw.DNSNames)
+		require.LessOrEqual(t, len(csr.DNSName), 253)
+		require.Empty(t, csr.Raw.URIs)
+		require.Empty(t, csr.Raw.IPAddresses)
+		require.Empty(t, csr.Raw.EmailAddresses)
+		require.NoError(t, csr.Raw.CheckSignature())
+		k, ok := csr.PublicKey.(*ecdsa.PublicKey)
+		require.True(t, ok, "accepted a key of type %T", csr.PublicKey)
+		require.Equal(t, "P-256", k.Curve.Params().Name)
+	})
+}

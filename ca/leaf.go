@@ -26,17 +26,36 @@ var (
 )
 
 // fastSigner reports whether the leaf tmpl can be signed by issuer on the
-// fast path: a workload leaf (a URI SAN, no DNS or IP SANs) under an
-// in-memory P-256 key.
+// fast path: a workload leaf (at most one URI SAN, DNS SANs of ASCII, at
+// least one SAN, no IP SANs) under an in-memory P-256 key.
 func fastSigner(tmpl *x509.Certificate, issuer Authority) (*ecdsa.PrivateKey, bool) {
 	key, ok := issuer.Signer.(*ecdsa.PrivateKey)
-	if !ok || key.Curve != elliptic.P256() || len(tmpl.DNSNames) > 0 || len(tmpl.IPAddresses) > 0 || len(tmpl.URIs) != 1 {
+	if !ok || key.Curve != elliptic.P256() || len(tmpl.IPAddresses) > 0 || len(tmpl.URIs) > 1 || len(tmpl.URIs)+len(tmpl.DNSNames) == 0 {
+		return nil, false
+	}
+	// CreateCertificate refuses a name that is not an IA5String; leave
+	// that refusal to it.
+	for _, name := range tmpl.DNSNames {
+		if !isASCII(name) {
+			return nil, false
+		}
+	}
+	if len(tmpl.URIs) == 1 && !isASCII(tmpl.URIs[0].String()) {
 		return nil, false
 	}
 	return key, true
 }
 
-// signLeaf encodes the X509-SVID leaf tmpl and signs it with key, once.
+func isASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= 0x80 {
+			return false
+		}
+	}
+	return true
+}
+
+// signLeaf encodes the workload leaf tmpl and signs it with key, once.
 //
 // x509.CreateCertificate encodes by reflection and then verifies the
 // signature it just made, to catch a faulty crypto.Signer (an HSM, a
@@ -140,12 +159,21 @@ func addLeafExtensions(b *cryptobyte.Builder, tmpl, parent *x509.Certificate) {
 			})
 		})
 	}
-	// Critical: the subject is empty (RFC 5280 4.2.1.6).
+	// Critical: the subject is empty (RFC 5280 4.2.1.6). DNS names come
+	// first (dNSName, tag 2), then the URI (uniformResourceIdentifier, tag
+	// 6), as CreateCertificate orders them.
 	addExtension(b, oidExtSubjectAltName, true, func(b *cryptobyte.Builder) {
 		b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
-			b.AddASN1(cbasn1.Tag(6).ContextSpecific(), func(b *cryptobyte.Builder) {
-				b.AddBytes([]byte(tmpl.URIs[0].String()))
-			})
+			for _, name := range tmpl.DNSNames {
+				b.AddASN1(cbasn1.Tag(2).ContextSpecific(), func(b *cryptobyte.Builder) {
+					b.AddBytes([]byte(name))
+				})
+			}
+			for _, uri := range tmpl.URIs {
+				b.AddASN1(cbasn1.Tag(6).ContextSpecific(), func(b *cryptobyte.Builder) {
+					b.AddBytes([]byte(uri.String()))
+				})
+			}
 		})
 	})
 }

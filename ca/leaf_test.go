@@ -31,8 +31,12 @@ func TestSignMatchesCreateCertificate(t *testing.T) {
 		now  time.Time
 		ttl  time.Duration
 		key  crypto.Signer
+		dns  []string
+		only bool // DNSOnly
 	}{
 		{name: "P-256 leaf", now: testNow(), key: testca.NewKey(t)},
+		{name: "DNS-only leaf (Linkerd)", now: testNow(), key: testca.NewKey(t), dns: []string{"web.default.serviceaccount.identity.linkerd.cluster.local"}, only: true},
+		{name: "URI and DNS SANs", now: testNow(), key: testca.NewKey(t), dns: []string{"web.example.org", "web"}},
 		{name: "P-384 leaf", now: testNow(), key: p384},
 		{name: "RSA leaf (keyEncipherment)", now: testNow(), key: rsa2048},
 		{name: "NotAfter in 2050 (GeneralizedTime)", now: time.Date(2049, 12, 31, 23, 0, 0, 0, time.UTC), ttl: 2 * time.Hour, key: testca.NewKey(t)},
@@ -43,10 +47,16 @@ func TestSignMatchesCreateCertificate(t *testing.T) {
 				ChildCA(testca.WithLifetime(tt.now.Add(-time.Hour), tt.now.Add(24*time.Hour)))
 			c, err := ca.New(inter.AuthoritySet(), ca.Options{Clock: clocktesting.NewFakePassiveClock(tt.now)})
 			require.NoError(t, err)
-			issued, err := c.Sign(context.Background(), ca.SignRequest{PublicKey: tt.key.Public(), ID: workloadID, TTL: tt.ttl})
+			issued, err := c.Sign(context.Background(), ca.SignRequest{PublicKey: tt.key.Public(), ID: workloadID, TTL: tt.ttl, DNSNames: tt.dns, DNSOnly: tt.only})
 			require.NoError(t, err)
 			got := issued.Cert
 			require.NoError(t, got.CheckSignatureFrom(inter.Cert))
+			require.Equal(t, tt.dns, got.DNSNames)
+			if tt.only {
+				require.Empty(t, got.URIs)
+			} else {
+				require.Equal(t, workloadID.String(), got.URIs[0].String())
+			}
 
 			// The same certificate, made by crypto/x509.
 			tmpl := &x509.Certificate{
@@ -54,6 +64,7 @@ func TestSignMatchesCreateCertificate(t *testing.T) {
 				NotBefore:             got.NotBefore,
 				NotAfter:              got.NotAfter,
 				URIs:                  got.URIs,
+				DNSNames:              got.DNSNames,
 				KeyUsage:              got.KeyUsage,
 				ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 				BasicConstraintsValid: true,
@@ -83,4 +94,13 @@ func TestSignCatchesAMismatchedKey(t *testing.T) {
 	require.NoError(t, err)
 	_, err = c.Sign(context.Background(), ca.SignRequest{PublicKey: testca.NewKey(t).Public(), ID: workloadID})
 	require.ErrorContains(t, err, "ca: the issuer's key made a signature its certificate does not verify")
+}
+
+// A DNSOnly request without a DNS name would make a certificate with no
+// SAN and an empty subject: a programming error, refused.
+func TestSignRefusesDNSOnlyWithoutNames(t *testing.T) {
+	c, err := ca.New(testca.New(t, td).ChildCA().AuthoritySet(), ca.Options{})
+	require.NoError(t, err)
+	_, err = c.Sign(context.Background(), ca.SignRequest{PublicKey: testca.NewKey(t).Public(), ID: workloadID, DNSOnly: true})
+	require.EqualError(t, err, `ca: cannot sign "spiffe://example.org/ns/default/sa/web": a DNSOnly request needs DNSNames`)
 }

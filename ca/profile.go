@@ -41,20 +41,24 @@ func newSerial() (*big.Int, error) {
 }
 
 // leafTemplate returns the X509-SVID template of a workload certificate:
-// one URI SAN (the SPIFFE ID), CA=false, digitalSignature (and
-// keyEncipherment for RSA keys, which key exchange by RSA encryption
-// needs), serverAuth and clientAuth.
+// one URI SAN (the SPIFFE ID; none for a DNSOnly request), CA=false,
+// digitalSignature (and keyEncipherment for RSA keys, which key exchange
+// by RSA encryption needs), serverAuth and clientAuth.
 func leafTemplate(req SignRequest, serial *big.Int, notBefore, notAfter time.Time) *x509.Certificate {
 	usage := x509.KeyUsageDigitalSignature
 	if _, ok := req.PublicKey.(*rsa.PublicKey); ok {
 		usage |= x509.KeyUsageKeyEncipherment
+	}
+	var uris []*url.URL
+	if !req.DNSOnly {
+		uris = []*url.URL{req.ID.URL()}
 	}
 	return &x509.Certificate{
 		SerialNumber:          serial,
 		Subject:               pkix.Name{},
 		NotBefore:             notBefore,
 		NotAfter:              notAfter,
-		URIs:                  []*url.URL{req.ID.URL()},
+		URIs:                  uris,
 		DNSNames:              req.DNSNames,
 		IPAddresses:           req.IPAddresses,
 		KeyUsage:              usage,
@@ -96,6 +100,13 @@ type SignRequest struct {
 	// unless their front end's policy allows them.
 	DNSNames    []string
 	IPAddresses []net.IP
+
+	// DNSOnly leaves the SPIFFE ID out: the certificate's only SANs are
+	// DNSNames, which must not be empty. Linkerd's identity certificates
+	// are of this form; they name the workload by DNS. ID is still the
+	// identity the certificate is issued to (authorised, and checked
+	// against the CA's trust domain) and names it in errors.
+	DNSOnly bool
 
 	// TTL is the requested lifetime; the CA's TTLPolicy applies.
 	TTL time.Duration

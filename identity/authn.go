@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/x509"
 	"errors"
+	"slices"
+	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -17,6 +19,15 @@ type Credential struct {
 	// PeerCertificates is the TLS client certificate chain, leaf first, as
 	// presented and not yet verified.
 	PeerCertificates []*x509.Certificate
+
+	// Audiences, when not empty, are the audiences Token must be valid
+	// for, one of them, in place of the authenticator's own: each API of
+	// the server sets its own ("istio-ca" for Istio's, "identity.l5d.io"
+	// for Linkerd's), so that a token made for one API is not a
+	// credential for another. Authenticators of audience-bound tokens
+	// (tokenreview) honour it; static bootstrap tokens are bound to no
+	// audience and ignore it, as the SVID authenticator does.
+	Audiences []string
 }
 
 // Method names how a caller was authenticated, for audit lines.
@@ -29,6 +40,10 @@ const (
 	MethodMTLS            Method = "mtls"
 )
 
+// ReasonMethodNotAccepted refuses a credential that was authenticated, but
+// by a method the API called does not accept (Caller.RequireMethod).
+const ReasonMethodNotAccepted AuthReason = "method_not_accepted"
+
 // Caller is an authenticated caller.
 type Caller struct {
 	// ID is the identity the credential proves.
@@ -40,6 +55,48 @@ type Caller struct {
 	// Subject names the credential in audit lines without revealing it: a
 	// token hash prefix, a certificate serial.
 	Subject string
+}
+
+// RequireMethod returns nil when c was authenticated by one of methods,
+// and otherwise an *AuthError of reason ReasonMethodNotAccepted: for an API
+// that accepts only some credentials, such as Linkerd's, whose identity
+// names come from Kubernetes service accounts.
+func (c Caller) RequireMethod(methods ...Method) error {
+	if slices.Contains(methods, c.Method) {
+		return nil
+	}
+	return authErrorf(ReasonMethodNotAccepted, nil, "a credential of method %s is not accepted by this API; present one of method %s", c.Method, joinMethods(methods))
+}
+
+func joinMethods(methods []Method) string {
+	s := make([]string, len(methods))
+	for i, m := range methods {
+		s[i] = string(m)
+	}
+	return strings.Join(s, " or ")
+}
+
+// ParseToken returns a bearer token carried in a request's body rather
+// than in an "authorization" header (Linkerd's Certify has a token field),
+// field naming it in errors. Surrounding white space (a token file's
+// final newline) is removed, and the bounds of ParseBearer apply: at most
+// MaxTokenLength bytes of printable ASCII. An empty token is an *AuthError
+// of reason ReasonNoCredential, any other refusal one of reason
+// ReasonMalformedToken. The error never holds the token.
+func ParseToken(raw []byte, field string) (string, error) {
+	if len(raw) > MaxTokenLength {
+		return "", authErrorf(ReasonMalformedToken, nil, "%s is %d bytes, more than the limit of %d", field, len(raw), MaxTokenLength)
+	}
+	token := strings.TrimSpace(string(raw))
+	if token == "" {
+		return "", authErrorf(ReasonNoCredential, nil, "no credential: %s is empty; send the workload's service-account token", field)
+	}
+	for i := 0; i < len(token); i++ {
+		if c := token[i]; c <= ' ' || c >= 0x7f {
+			return "", authErrorf(ReasonMalformedToken, nil, "%s has a character outside printable ASCII at offset %d", field, i)
+		}
+	}
+	return token, nil
 }
 
 // Authenticator turns a credential into a caller.

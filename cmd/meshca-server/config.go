@@ -8,12 +8,16 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"sigs.k8s.io/yaml"
 
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/internal/server"
 )
 
 // Config is meshca-server's configuration file (YAML). Every field is
@@ -66,6 +70,13 @@ type Config struct {
 	// reviewed with the API server, state in a Secret shared by replicas,
 	// one leader that rotates and publishes bundles. Off by default.
 	Kubernetes KubernetesConfig `json:"kubernetes"`
+
+	// Istio serves Istio's CA API on the gRPC listener. On by default.
+	Istio IstioConfig `json:"istio"`
+
+	// Linkerd serves Linkerd's identity API on the gRPC listener. On by
+	// default in Kubernetes mode, and only there.
+	Linkerd LinkerdConfig `json:"linkerd"`
 
 	// Profiling serves Go's /debug/pprof on the metrics address, for
 	// finding where CPU time goes under load. Default off.
@@ -140,6 +151,46 @@ type KubernetesConfig struct {
 	LeaseDuration Duration `json:"leaseDuration"`
 	RenewDeadline Duration `json:"renewDeadline"`
 	RetryPeriod   Duration `json:"retryPeriod"`
+}
+
+// IstioConfig configures Istio's CA API,
+// istio.v1.auth.IstioCertificateService/CreateCertificate: Istio's proxies
+// (pilot-agent) point CA_ADDR at meshca. Callers authenticate as on the
+// native API: a bearer token (a static bootstrap token, or in Kubernetes
+// mode a service-account token for one of Audiences) or their current
+// certificate over mTLS.
+type IstioConfig struct {
+	// Enabled serves the API. Default true.
+	Enabled *bool `json:"enabled"`
+
+	// Audiences a service-account token must be valid for on this API,
+	// one of them (Kubernetes mode). Default ["istio-ca"], Istio's own.
+	// Bootstrap tokens are bound to no audience and are accepted here too.
+	Audiences []string `json:"audiences"`
+}
+
+// LinkerdConfig configures Linkerd's identity API,
+// io.linkerd.proxy.identity.Identity/Certify: Linkerd's proxies point
+// their identity address at meshca. A proxy proves its identity,
+// <sa>.<ns>.serviceaccount.identity.<controlPlaneNamespace>.<clusterDomain>,
+// with its service-account token only: bootstrap tokens and client
+// certificates are refused, so the API needs Kubernetes mode.
+type LinkerdConfig struct {
+	// Enabled serves the API. Default: true in Kubernetes mode, false
+	// otherwise (where it cannot be turned on).
+	Enabled *bool `json:"enabled"`
+
+	// Audiences a service-account token must be valid for on this API,
+	// one of them. Default ["identity.l5d.io"], Linkerd's own.
+	Audiences []string `json:"audiences"`
+
+	// ControlPlaneNamespace is Linkerd's namespace, part of every
+	// identity name. Default "linkerd".
+	ControlPlaneNamespace string `json:"controlPlaneNamespace"`
+
+	// ClusterDomain ends every identity name (Linkerd's identity trust
+	// domain). Default "cluster.local".
+	ClusterDomain string `json:"clusterDomain"`
 }
 
 // FilesConfig names a plugged-in CA's files.
@@ -223,6 +274,8 @@ type completeConfig struct {
 	serverID spiffeid.ID
 	ips      []net.IP
 	ttl      ca.TTLPolicy
+	istio    server.IstioOptions
+	linkerd  server.LinkerdOptions
 }
 
 // complete applies the defaults and checks every value.
@@ -324,6 +377,9 @@ func (c Config) complete() (*completeConfig, error) {
 			errs = append(errs, errors.New("kubernetes.podName: set it, or POD_NAME (the downward API)"))
 		}
 	}
+	if err := cc.completeFrontEnds(); err != nil {
+		errs = append(errs, err)
+	}
 	if c.Profiling && c.MetricsAddress == "off" {
 		errs = append(errs, errors.New("profiling is served on the metrics address, which is off"))
 	}
@@ -336,4 +392,68 @@ func (c Config) complete() (*completeConfig, error) {
 		return nil, fmt.Errorf("config: %w", err)
 	}
 	return cc, nil
+}
+
+// completeFrontEnds sets the options of Istio's and Linkerd's APIs, with
+// their defaults, and checks that no token audience is shared by two APIs:
+// a token made for one API must not be a credential on another.
+func (cc *completeConfig) completeFrontEnds() error {
+	var errs []error
+	cc.istio = server.IstioOptions{
+		Enabled:   cc.Istio.Enabled == nil || *cc.Istio.Enabled,
+		Audiences: orDefault(cc.Istio.Audiences, server.IstioAudience),
+	}
+	l := cc.Linkerd
+	cc.linkerd = server.LinkerdOptions{
+		Enabled:               cc.Kubernetes.Enabled,
+		Audiences:             orDefault(l.Audiences, server.LinkerdAudience),
+		ControlPlaneNamespace: cmp.Or(l.ControlPlaneNamespace, server.DefaultLinkerdControlPlaneNamespace),
+		ClusterDomain:         cmp.Or(l.ClusterDomain, server.DefaultClusterDomain),
+	}
+	if l.Enabled != nil {
+		cc.linkerd.Enabled = *l.Enabled
+	}
+	if cc.linkerd.Enabled && !cc.Kubernetes.Enabled {
+		errs = append(errs, errors.New("linkerd.enabled needs kubernetes.enabled: Linkerd's proxies prove their identity with service-account tokens only"))
+	}
+	if problems := validation.IsDNS1123Label(cc.linkerd.ControlPlaneNamespace); len(problems) > 0 {
+		errs = append(errs, fmt.Errorf("linkerd.controlPlaneNamespace %q is not a namespace name: %s", cc.linkerd.ControlPlaneNamespace, strings.Join(problems, "; ")))
+	}
+	if problems := validation.IsDNS1123Subdomain(cc.linkerd.ClusterDomain); len(problems) > 0 {
+		errs = append(errs, fmt.Errorf("linkerd.clusterDomain %q is not a DNS domain: %s", cc.linkerd.ClusterDomain, strings.Join(problems, "; ")))
+	}
+	// Each API's audiences, by the config key that sets them.
+	apis := []struct {
+		key       string
+		on        bool
+		audiences []string
+	}{
+		{"kubernetes.tokenAudiences", cc.Kubernetes.Enabled, cc.Kubernetes.TokenAudiences},
+		{"istio.audiences", cc.istio.Enabled, cc.istio.Audiences},
+		{"linkerd.audiences", cc.linkerd.Enabled, cc.linkerd.Audiences},
+	}
+	for i, a := range apis {
+		if slices.Contains(a.audiences, "") {
+			errs = append(errs, fmt.Errorf("%s has an empty audience", a.key))
+		}
+		for _, b := range apis[i+1:] {
+			if !a.on || !b.on || !cc.Kubernetes.Enabled {
+				continue
+			}
+			for _, aud := range a.audiences {
+				if slices.Contains(b.audiences, aud) {
+					errs = append(errs, fmt.Errorf("%s and %s share the audience %q: a token for one API would be a credential on the other; give each its own", a.key, b.key, aud))
+				}
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// orDefault returns list, or a list of def when list is empty.
+func orDefault(list []string, def string) []string {
+	if len(list) == 0 {
+		return []string{def}
+	}
+	return list
 }

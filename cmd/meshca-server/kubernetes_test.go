@@ -1,6 +1,8 @@
 package main_test
 
 import (
+	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -10,13 +12,18 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc/metadata"
+	securityv1alpha1 "istio.io/api/security/v1alpha1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
 	"github.com/meshca/meshca/internal/kubetest"
+	linkerdpb "github.com/meshca/meshca/proto/linkerd/identity"
+	"github.com/meshca/meshca/testca"
 )
 
 // writeKubeconfig writes an admin kubeconfig for the test cluster.
@@ -106,6 +113,56 @@ kubernetes:
 		"--token-file", otherAud, "--spiffe-id", webID, "--out-dir", t.TempDir())
 	require.Error(t, err)
 	require.Contains(t, stderr, "code = Unauthenticated")
+
+	// Linkerd's API is on in Kubernetes mode: a proxy's token for
+	// identity.l5d.io gets a DNS leaf of its identity, chaining to the
+	// bundle; the same token is no credential on the native API.
+	l5dToken := c.Token(t, app, "web", []string{"identity.l5d.io"}, time.Hour)
+	name := "web." + app + ".serviceaccount.identity.linkerd.cluster.local"
+	conn := dialServer(t, a.proc.addr, a.bundle)
+	l5dKey := testca.NewKey(t)
+	certified, err := linkerdpb.NewIdentityClient(conn).Certify(ctx, &linkerdpb.CertifyRequest{
+		Identity:                  name,
+		Token:                     []byte(l5dToken),
+		CertificateSigningRequest: testca.SignCSR(t, &x509.CertificateRequest{DNSNames: []string{name}}, l5dKey),
+	})
+	require.NoError(t, err)
+	leaf, err := x509.ParseCertificate(certified.LeafCertificate)
+	require.NoError(t, err)
+	require.Equal(t, []string{name}, leaf.DNSNames)
+	require.Empty(t, leaf.URIs)
+	require.Equal(t, leaf.NotAfter, certified.ValidUntil.AsTime())
+	anchors, err := x509bundle.Load(td, a.bundle)
+	require.NoError(t, err)
+	roots, inters := x509.NewCertPool(), x509.NewCertPool()
+	for _, r := range anchors.X509Authorities() {
+		roots.AddCert(r)
+	}
+	for _, der := range certified.IntermediateCertificates {
+		cert, err := x509.ParseCertificate(der)
+		require.NoError(t, err)
+		inters.AddCert(cert)
+	}
+	_, err = leaf.Verify(x509.VerifyOptions{DNSName: name, Roots: roots, Intermediates: inters})
+	require.NoError(t, err)
+	l5dFile := filepath.Join(dir, "l5d-token")
+	require.NoError(t, os.WriteFile(l5dFile, []byte(l5dToken), 0o600))
+	_, stderr, err = meshctl(t, "issue", "--server", a.proc.addr, "--ca-bundle", a.bundle,
+		"--token-file", l5dFile, "--spiffe-id", webID, "--out-dir", t.TempDir())
+	require.Error(t, err)
+	require.Contains(t, stderr, "code = Unauthenticated")
+
+	// Istio's API takes a token for istio-ca, as Istio's proxies send.
+	istioKey := testca.NewKey(t)
+	istioResp, err := securityv1alpha1.NewIstioCertificateServiceClient(conn).CreateCertificate(
+		metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+c.Token(t, app, "web", []string{"istio-ca"}, time.Hour)),
+		&securityv1alpha1.IstioCertificateRequest{Csr: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: testca.CreateCSR(t, istioKey, webID)}))})
+	require.NoError(t, err)
+	istioSVID, err := x509svid.Parse([]byte(strings.Join(istioResp.CertChain[:len(istioResp.CertChain)-1], "")), pemKey(t, istioKey))
+	require.NoError(t, err)
+	require.Equal(t, webID, istioSVID.ID.String())
+	require.Contains(t, a.proc.logs.String(), `"api":"linkerd"`)
+	require.Contains(t, a.proc.logs.String(), `"istio_api":true,"linkerd_api":true`)
 
 	// One of them leads, and has published the bundle in every namespace.
 	leaderName := func() string {

@@ -63,7 +63,9 @@ func newCommand(stdout, stderr io.Writer) *cobra.Command {
 		Long: `meshca-server issues short-lived SPIFFE X509-SVIDs over gRPC (TLS).
 
 Callers authenticate with "authorization: Bearer <token>" metadata (a
-bootstrap token) or by presenting their current SVID to renew. With no
+bootstrap token) or by presenting their current SVID to renew. Besides its
+own API it serves Istio's CA API (on by default) and, in Kubernetes mode,
+Linkerd's identity API. With no
 flags and no config file it runs on an embedded default: trust domain
 meshca.local, data in ./.meshca, gRPC on 127.0.0.1:8443, metrics on
 127.0.0.1:9402.`,
@@ -232,6 +234,8 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 		Registerer:    reg,
 		RefreshHint:   time.Duration(cfg.BundleRefreshHint),
 		Observer:      tracker,
+		Istio:         cfg.istio,
+		Linkerd:       cfg.linkerd,
 	})
 	if err != nil {
 		return err
@@ -305,7 +309,9 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 		"root_serial", root.SerialNumber.Text(16),
 		"root_not_after", root.NotAfter,
 		"bundle", bundlePath,
-		"admin_socket", cfg.AdminSocket)
+		"admin_socket", cfg.AdminSocket,
+		"istio_api", cfg.istio.Enabled,
+		"linkerd_api", cfg.linkerd.Enabled)
 	if cfg.Demo {
 		printBanner(stdout, cfg, lis.Addr().String(), bundlePath, demoTokenPath)
 	}

@@ -3,7 +3,10 @@ package main_test
 import (
 	"bufio"
 	"bytes"
+	"crypto"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"os"
 	"os/exec"
@@ -15,12 +18,22 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	securityv1alpha1 "istio.io/api/security/v1alpha1"
+
+	linkerdpb "github.com/meshca/meshca/proto/linkerd/identity"
+	"github.com/meshca/meshca/testca"
 )
 
 // binDir holds meshca-server and meshctl, built once for the package.
@@ -199,6 +212,27 @@ func TestEndToEnd(t *testing.T) {
 	require.Contains(t, stderr, "code = PermissionDenied")
 	require.Contains(t, stderr, `but the credential is for "spiffe://meshca.local/ns/default/sa/demo"`)
 
+	// Istio's CA API is on by default and takes the demo token: a PEM
+	// chain, leaf first, the roots last. Linkerd's needs Kubernetes mode.
+	conn := dialServer(t, srv.addr, bundle)
+	istioKey := testca.NewKey(t)
+	demoID := spiffeid.RequireFromString(demo)
+	istioResp, err := securityv1alpha1.NewIstioCertificateServiceClient(conn).CreateCertificate(
+		metadata.AppendToOutgoingContext(t.Context(), "authorization", "Bearer "+strings.TrimSpace(string(mustRead(t, token)))),
+		&securityv1alpha1.IstioCertificateRequest{
+			Csr:              string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: testca.CreateCSR(t, istioKey, demo)})),
+			ValidityDuration: 600,
+		})
+	require.NoError(t, err)
+	require.Len(t, istioResp.CertChain, 3)
+	istioSVID, err := x509svid.Parse([]byte(strings.Join(istioResp.CertChain[:2], "")), pemKey(t, istioKey))
+	require.NoError(t, err)
+	require.Equal(t, demoID, istioSVID.ID)
+	require.Equal(t, string(mustRead(t, bundle)), istioResp.CertChain[2])
+	_, err = linkerdpb.NewIdentityClient(conn).Certify(t.Context(), &linkerdpb.CertifyRequest{})
+	require.Equal(t, codes.Unimplemented, status.Code(err), "Linkerd's API is off outside Kubernetes mode")
+	require.Contains(t, srv.logs.String(), `"istio_api":true,"linkerd_api":false`)
+
 	// bench runs against it and reports server figures.
 	stdout, stderr, err = meshctl(t, "bench", "--server", srv.addr, "--ca-bundle", bundle, "--token-file", token,
 		"--spiffe-id", demo, "-c", "2", "-d", "1s", "--csrs", "8", "--metrics-url", "http://"+srv.metrics+"/metrics")
@@ -233,6 +267,27 @@ func TestEndToEnd(t *testing.T) {
 	srv2.stop()
 }
 
+// dialServer connects to meshca-server over TLS, verifying its SVID
+// against the bundle file.
+func dialServer(t *testing.T, addr, bundlePath string) *grpc.ClientConn {
+	t.Helper()
+	bundle, err := x509bundle.Load(td, bundlePath)
+	require.NoError(t, err)
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(
+		tlsconfig.TLSClientConfig(bundle, tlsconfig.AuthorizeID(spiffeid.RequireFromPath(td, "/meshca/server"))))))
+	require.NoError(t, err)
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
+// pemKey returns key as a PKCS#8 PEM block.
+func pemKey(t *testing.T, key crypto.Signer) []byte {
+	t.Helper()
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	require.NoError(t, err)
+	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
+}
+
 func TestServerRefusesBadSetup(t *testing.T) {
 	dir := t.TempDir()
 	write := func(name, content string, mode os.FileMode) string {
@@ -264,6 +319,10 @@ func TestServerRefusesBadSetup(t *testing.T) {
 		{"state file readable by others", []string{"--data-dir", leakyDataDir}, "is accessible by group or others; chmod 600 it"},
 		{"token file readable by others", []string{"--data-dir", filepath.Join(dir, "d1"), "--bootstrap-tokens", write("tokens.yaml", "tokens: []\n", 0o644)}, "chmod 600 it"},
 		{"argument", []string{"extra"}, `unknown command "extra"`},
+		{"linkerd outside Kubernetes mode", []string{"--config", write("linkerd.yaml", "linkerd:\n  enabled: true\n", 0o600)}, "linkerd.enabled needs kubernetes.enabled: Linkerd's proxies prove their identity with service-account tokens only"},
+		{"audience shared by two APIs", []string{"--config", write("shared.yaml", "kubernetes:\n  enabled: true\n  namespace: x\n  podName: p\n  tokenAudiences: [meshca, identity.l5d.io]\n", 0o600)}, `kubernetes.tokenAudiences and linkerd.audiences share the audience "identity.l5d.io": a token for one API would be a credential on the other; give each its own`},
+		{"bad Linkerd control plane namespace", []string{"--config", write("cpns.yaml", "linkerd:\n  controlPlaneNamespace: Linkerd.System\n", 0o600)}, `linkerd.controlPlaneNamespace "Linkerd.System" is not a namespace name`},
+		{"empty Istio audience", []string{"--config", write("aud.yaml", "istio:\n  audiences: [\"\"]\n", 0o600)}, "istio.audiences has an empty audience"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			args := append([]string{"--listen", "127.0.0.1:0", "--metrics-listen", "off"}, tt.args...)

@@ -8,8 +8,9 @@ import (
 	"github.com/meshca/meshca/identity"
 )
 
-// tokenHash is the key reviews are cached and shared under: the token's
-// SHA-256, so that no token is kept once its review is done.
+// tokenHash is the key reviews are cached and shared under: a SHA-256 of
+// the token and its audiences (reviewKey), so that no token is kept once
+// its review is done.
 type tokenHash = [sha256.Size]byte
 
 // cache holds accepted reviews until they expire, at most limit of them; the

@@ -4,13 +4,19 @@
 // accepted token of service account <sa> in namespace <ns> proves the
 // identity spiffe://<trust-domain>/ns/<ns>/sa/<sa>.
 //
-// Accepted reviews are cached by the token's SHA-256, never the token,
-// for at most Options.CacheTTL and never past the token's own expiry, so
-// workloads keep getting certificates while the API server is briefly
-// unreachable. Refusals and failures are not cached: a refusal can be
+// Each API of the server reviews tokens for its own audiences, set on the
+// credential (identity.Credential.Audiences; Options.Audiences when it
+// sets none): "meshca" for the native API, "istio-ca" for Istio's,
+// "identity.l5d.io" for Linkerd's. A token made for one API is therefore
+// no credential on another.
+//
+// Accepted reviews are cached by a SHA-256 of the token and the audiences
+// it was reviewed for, never the token, for at most Options.CacheTTL and
+// never past the token's own expiry, so workloads keep getting
+// certificates while the API server is briefly unreachable. Refusals and failures are not cached: a refusal can be
 // transient (a pod the API server has not seen yet), and a flood of bad
 // tokens is of distinct ones, which no cache by token would blunt.
-// Concurrent reviews of one token are made once. An API server that is
+// Concurrent reviews of one token for the same audiences are made once. An API server that is
 // slow or down yields an *identity.AuthError with reason
 // identity.ReasonUnavailable within Options.Timeout, not a hang.
 //

@@ -218,3 +218,32 @@ func newKey(t *testing.T) *ecdsa.PrivateKey {
 	require.NoError(t, err)
 	return key
 }
+
+// TestKubernetesCredentialAudiences: against a real API server, a token
+// is reviewed for the audiences of the credential, so a token minted for
+// Linkerd's API is refused by the native one and the other way round.
+func TestKubernetesCredentialAudiences(t *testing.T) {
+	c := kube.Cluster(t)
+	ns := c.CreateNamespace(t, "audiences-").Name
+	c.CreateServiceAccount(t, ns, "web")
+	a, err := tokenreview.New(c.Client.AuthenticationV1(), tokenreview.Options{TrustDomain: td, Audiences: meshca})
+	require.NoError(t, err)
+	linkerd := []string{"identity.l5d.io"}
+	webID := spiffeid.RequireFromPath(td, "/ns/"+ns+"/sa/web")
+
+	l5d := c.Token(t, ns, "web", linkerd, 10*time.Minute)
+	caller, err := a.Authenticate(t.Context(), identity.Credential{Token: l5d, Audiences: linkerd})
+	require.NoError(t, err)
+	require.Equal(t, webID, caller.ID)
+	_, err = a.Authenticate(t.Context(), identity.Credential{Token: l5d})
+	require.EqualError(t, err, refusedFor+`[invalid bearer token, token audiences ["identity.l5d.io"] is invalid for the target audiences ["meshca"]]`)
+
+	native := c.Token(t, ns, "web", meshca, 10*time.Minute)
+	_, err = a.Authenticate(t.Context(), identity.Credential{Token: native})
+	require.NoError(t, err)
+	_, err = a.Authenticate(t.Context(), identity.Credential{Token: native, Audiences: linkerd})
+	var ae *identity.AuthError
+	require.ErrorAs(t, err, &ae)
+	require.Equal(t, identity.ReasonUnknownToken, ae.Reason)
+	require.EqualError(t, err, errPrefix+`service-account token refused by the API server for audiences ["identity.l5d.io"]: [invalid bearer token, token audiences ["meshca"] is invalid for the target audiences ["identity.l5d.io"]]`)
+}

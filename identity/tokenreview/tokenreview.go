@@ -3,6 +3,7 @@ package tokenreview
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -50,12 +51,13 @@ type Options struct {
 	// TrustDomain of the IDs issued. Required.
 	TrustDomain spiffeid.TrustDomain
 
-	// Audiences a token must be valid for, at least one of them: the
+	// Audiences a token must be valid for, at least one of them, when
+	// the credential names none (identity.Credential.Audiences): the
 	// audience of the projected service-account token the workloads
-	// present, such as "meshca" (or "istio-ca" for Istio's proxies).
-	// Required: a token without an audience is one for the API server,
-	// and a CA that accepted those could be handed any token a workload
-	// uses to talk to Kubernetes.
+	// present to the native API, such as "meshca". Required: a token
+	// without an audience is one for the API server, and a CA that
+	// accepted those could be handed any token a workload uses to talk
+	// to Kubernetes.
 	Audiences []string
 
 	// Timeout bounds one review, from the request to the API server's
@@ -214,7 +216,11 @@ func New(client authenticationv1client.TokenReviewsGetter, opts Options) (*Authe
 
 // Authenticate accepts a service-account token that the API server
 // authenticates for one of the audiences, as the workload ID of its
-// namespace and service account.
+// namespace and service account. The audiences are cred.Audiences when it
+// names any, else Options.Audiences; reviews are cached, and shared
+// between concurrent callers, by token and audiences, so that a token
+// accepted for one set of audiences is never taken from the cache for
+// another.
 //
 // It returns identity.ErrNotApplicable when there is no token, and an
 // *identity.AuthError with reason identity.ReasonUnknownToken when the
@@ -232,14 +238,19 @@ func (a *Authenticator) Authenticate(ctx context.Context, cred identity.Credenti
 	if !ok {
 		return identity.Caller{}, authError(identity.ReasonUnknownToken, nil, "bearer token is not a Kubernetes service-account token: it is not a JWT")
 	}
-	key := sha256.Sum256([]byte(cred.Token))
+	audiences := a.audiences
+	if len(cred.Audiences) > 0 {
+		audiences = cred.Audiences
+	}
+	subject := subjectOf(cred.Token)
+	key := reviewKey(cred.Token, audiences)
 	// The claim is not verified, but a token that lies about it gains
 	// nothing: the API server refuses an expired token too. Refusing here
 	// spares the review; a cache entry never outlives the claim either.
 	if now := a.clock.Now(); hasExp && !now.Before(exp) {
 		err := authError(identity.ReasonUnknownToken, nil, "service-account token expired at %s, by its exp claim; present a current token", exp.UTC().Format(time.RFC3339))
 		a.log.LogAttrs(ctx, slog.LevelDebug, "token refused without a review",
-			slog.String("subject", subjectOf(key)), slog.Any("error", err))
+			slog.String("subject", subject), slog.Any("error", err))
 		return identity.Caller{}, err
 	}
 
@@ -265,7 +276,7 @@ func (a *Authenticator) Authenticate(ctx context.Context, cred identity.Credenti
 			a.metrics.overloaded.Inc()
 			err := authError(ReasonOverloaded, nil, "too many service-account tokens under review (%d at once); retry later", a.maxInFlight)
 			a.log.LogAttrs(ctx, slog.LevelDebug, "token refused without a review",
-				slog.String("subject", subjectOf(key)), slog.Any("error", err))
+				slog.String("subject", subject), slog.Any("error", err))
 			return identity.Caller{}, err
 		}
 		a.reviewing++
@@ -275,7 +286,7 @@ func (a *Authenticator) Authenticate(ctx context.Context, cred identity.Credenti
 		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), a.timeout)
 		f = &flight{done: make(chan struct{}), cancel: cancel}
 		a.inflight[key] = f
-		go a.fly(fctx, f, key, cred.Token, exp, hasExp)
+		go a.fly(fctx, f, key, review{token: cred.Token, audiences: slices.Clone(audiences), subject: subject}, exp, hasExp)
 	} else if a.joined != nil {
 		a.joined()
 	}
@@ -314,12 +325,20 @@ func (a *Authenticator) leave(f *flight, key tokenHash) {
 	}
 }
 
+// review is what a flight asks the API server: a token, the audiences it
+// must be valid for, and the subject naming the token in logs.
+type review struct {
+	token     string
+	audiences []string
+	subject   string
+}
+
 // fly reviews a token for a flight, caches an accepted review, and lands
 // the flight, freeing its place among the reviews under way.
-func (a *Authenticator) fly(ctx context.Context, f *flight, key tokenHash, token string, exp time.Time, hasExp bool) {
+func (a *Authenticator) fly(ctx context.Context, f *flight, key tokenHash, r review, exp time.Time, hasExp bool) {
 	defer f.cancel()
 	start := a.clock.Now()
-	f.caller, f.err = a.review(ctx, token, key)
+	f.caller, f.err = a.review(ctx, r)
 
 	a.mu.Lock()
 	if f.err == nil {
@@ -341,17 +360,35 @@ func (a *Authenticator) fly(ctx context.Context, f *flight, key tokenHash, token
 	close(f.done)
 }
 
-// subjectOf names a token in errors and logs by a prefix of its hash.
-func subjectOf(key tokenHash) string {
-	return "token-sha256:" + hex.EncodeToString(key[:4])
+// subjectOf names a token in errors and logs by a prefix of its SHA-256,
+// as the static bootstrap tokens do.
+func subjectOf(token string) string {
+	h := sha256.Sum256([]byte(token))
+	return "token-sha256:" + hex.EncodeToString(h[:4])
 }
 
-// review asks the API server about token.
-func (a *Authenticator) review(ctx context.Context, token string, key tokenHash) (identity.Caller, error) {
-	subject := subjectOf(key)
+// reviewKey is what a review is cached and shared under: the SHA-256 of
+// the token and the audiences it is reviewed for, each prefixed by its
+// length so that no two pairs encode alike.
+func reviewKey(token string, audiences []string) tokenHash {
+	h := sha256.New()
+	var n [4]byte
+	for _, s := range append([]string{token}, audiences...) {
+		binary.BigEndian.PutUint32(n[:], uint32(len(s)))
+		h.Write(n[:])
+		h.Write([]byte(s))
+	}
+	var key tokenHash
+	h.Sum(key[:0])
+	return key
+}
+
+// review asks the API server about r.token.
+func (a *Authenticator) review(ctx context.Context, r review) (identity.Caller, error) {
+	token, subject := r.token, r.subject
 	req := &authenticationv1.TokenReview{Spec: authenticationv1.TokenReviewSpec{
 		Token:     token,
-		Audiences: slices.Clone(a.audiences),
+		Audiences: slices.Clone(r.audiences),
 	}}
 	res, err := a.reviews.TokenReviews().Create(ctx, req, metav1.CreateOptions{})
 	if err == nil && res == nil {
@@ -383,7 +420,7 @@ func (a *Authenticator) review(ctx context.Context, token string, key tokenHash)
 		return identity.Caller{}, authError(identity.ReasonUnavailable, err, "cannot reach the Kubernetes API server to review the token")
 	}
 
-	caller, err := a.accept(res.Status, token, subject)
+	caller, err := a.accept(res.Status, r)
 	if err != nil {
 		a.metrics.reviews.WithLabelValues(resultRefused).Inc()
 		a.log.LogAttrs(ctx, slog.LevelDebug, "token review refused",
@@ -404,18 +441,18 @@ func cancelledEarly(ctx context.Context) bool {
 }
 
 // accept turns the status of a review into the caller it authenticates.
-func (a *Authenticator) accept(st authenticationv1.TokenReviewStatus, token, subject string) (identity.Caller, error) {
+func (a *Authenticator) accept(st authenticationv1.TokenReviewStatus, r review) (identity.Caller, error) {
 	if !st.Authenticated {
-		if msg := truncate(redact(st.Error, token), maxStatusError); msg != "" {
-			return identity.Caller{}, authError(identity.ReasonUnknownToken, nil, "service-account token refused by the API server for audiences %q: %s", a.audiences, msg)
+		if msg := truncate(redact(st.Error, r.token), maxStatusError); msg != "" {
+			return identity.Caller{}, authError(identity.ReasonUnknownToken, nil, "service-account token refused by the API server for audiences %q: %s", r.audiences, msg)
 		}
-		return identity.Caller{}, authError(identity.ReasonUnknownToken, nil, "service-account token refused by the API server for audiences %q", a.audiences)
+		return identity.Caller{}, authError(identity.ReasonUnknownToken, nil, "service-account token refused by the API server for audiences %q", r.audiences)
 	}
 	// An API server that ignores spec.audiences answers with none, and
 	// one that checked them answers with those the token is valid for:
 	// only the second proves the token was made for this CA.
-	if !slices.ContainsFunc(st.Audiences, func(aud string) bool { return slices.Contains(a.audiences, aud) }) {
-		return identity.Caller{}, authError(identity.ReasonUnknownToken, nil, "token is valid for audiences %q, none of %q; present a projected service-account token with one of them", st.Audiences, a.audiences)
+	if !slices.ContainsFunc(st.Audiences, func(aud string) bool { return slices.Contains(r.audiences, aud) }) {
+		return identity.Caller{}, authError(identity.ReasonUnknownToken, nil, "token is valid for audiences %q, none of %q; present a projected service-account token with one of them", st.Audiences, r.audiences)
 	}
 	ns, sa, err := splitServiceAccount(st.User.Username)
 	if err != nil {
@@ -428,7 +465,7 @@ func (a *Authenticator) accept(st authenticationv1.TokenReviewStatus, token, sub
 	return identity.Caller{
 		ID:      id,
 		Method:  identity.MethodKubernetesToken,
-		Subject: "sa:" + ns + "/" + sa + " " + subject,
+		Subject: "sa:" + ns + "/" + sa + " " + r.subject,
 	}, nil
 }
 

@@ -800,3 +800,60 @@ func gather(t *testing.T, reg prometheus.Gatherer) map[string]float64 {
 	}
 	return values
 }
+
+// TestCredentialAudiences: each API of the server reviews tokens for its
+// own audiences (identity.Credential.Audiences), so a token made for one
+// API is no credential for another, even once it is cached for the first.
+func TestCredentialAudiences(t *testing.T) {
+	clk := clocktesting.NewFakePassiveClock(t0)
+	api := newFakeAPI(t, clk)
+	a := newAuthenticator(t, api, tokenreview.Options{})
+	linkerd := []string{"identity.l5d.io"}
+	exp := t0.Add(time.Hour)
+
+	var mu sync.Mutex
+	var sent [][]string
+	api.answer(func(spec authenticationv1.TokenReviewSpec) (*authenticationv1.TokenReviewStatus, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		sent = append(sent, spec.Audiences)
+		return nil, nil
+	})
+	lastSent := func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return sent[len(sent)-1]
+	}
+
+	// A token for Linkerd only: accepted for Linkerd's audience, refused
+	// for the default one, whatever the order.
+	l5d := api.issue("default", "demo", linkerd, exp)
+	caller, err := a.Authenticate(t.Context(), identity.Credential{Token: l5d, Audiences: linkerd})
+	require.NoError(t, err)
+	require.Equal(t, demoID, caller.ID)
+	require.Equal(t, linkerd, lastSent())
+	_, err = a.Authenticate(t.Context(), identity.Credential{Token: l5d})
+	requireAuthError(t, err, identity.ReasonUnknownToken, `service-account token refused by the API server for audiences ["meshca"]: [invalid bearer token, token audiences ["identity.l5d.io"] is invalid for the target audiences ["meshca"]]`)
+	require.Equal(t, meshca, lastSent())
+
+	// A token for meshca, accepted and cached for the default audience,
+	// is reviewed again, and refused, for Linkerd's.
+	native := api.issue("default", "demo", meshca, exp)
+	_, err = a.Authenticate(t.Context(), identity.Credential{Token: native})
+	require.NoError(t, err)
+	reviews := api.reviews()
+	_, err = a.Authenticate(t.Context(), identity.Credential{Token: native})
+	require.NoError(t, err)
+	require.Equal(t, reviews, api.reviews(), "the second native call is served from the cache")
+	_, err = a.Authenticate(t.Context(), identity.Credential{Token: native, Audiences: linkerd})
+	requireAuthError(t, err, identity.ReasonUnknownToken, `service-account token refused by the API server for audiences ["identity.l5d.io"]: [invalid bearer token, token audiences ["meshca"] is invalid for the target audiences ["identity.l5d.io"]]`)
+	require.Equal(t, reviews+1, api.reviews(), "the cache of another audience is not used")
+
+	// An API server that answers with an audience not asked for proves
+	// nothing for the credential's.
+	api.answer(func(authenticationv1.TokenReviewSpec) (*authenticationv1.TokenReviewStatus, error) {
+		return &authenticationv1.TokenReviewStatus{Authenticated: true, User: authenticationv1.UserInfo{Username: "system:serviceaccount:default:demo"}, Audiences: meshca}, nil
+	})
+	_, err = a.Authenticate(t.Context(), identity.Credential{Token: api.issue("default", "demo", meshca, exp), Audiences: linkerd})
+	requireAuthError(t, err, identity.ReasonUnknownToken, `token is valid for audiences ["meshca"], none of ["identity.l5d.io"]; present a projected service-account token with one of them`)
+}

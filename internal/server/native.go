@@ -11,6 +11,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/internal/pemutil"
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
 )
 
@@ -72,25 +73,39 @@ func (b *bundleService) WatchBundle(_ *meshcav1.WatchBundleRequest, stream meshc
 	}
 }
 
-// bundleCache holds the bundle message of the current sequence, built once
-// per bundle change rather than once per request.
+// bundleCache holds the bundle of the current sequence in the forms the
+// front ends serve, built once per bundle change rather than once per
+// request.
 type bundleCache struct {
 	mu  sync.Mutex
 	seq uint64
-	pb  *meshcav1.TrustBundle
+	pb  *meshcav1.TrustBundle // the native API's message
+	pem string                // every root in PEM, Istio's last chain element
 }
 
 // bundleProto returns the current bundle as a message. The message is
 // shared: callers must not modify it.
 func (s *Server) bundleProto() *meshcav1.TrustBundle {
+	pb, _ := s.bundleForms()
+	return pb
+}
+
+// bundlePEM returns the current bundle's roots in PEM.
+func (s *Server) bundlePEM() string {
+	_, pem := s.bundleForms()
+	return pem
+}
+
+func (s *Server) bundleForms() (*meshcav1.TrustBundle, string) {
 	bundle, seq := s.ca.Bundle()
 	s.bundles.mu.Lock()
 	defer s.bundles.mu.Unlock()
 	if s.bundles.pb == nil || s.bundles.seq != seq {
 		s.bundles.pb = s.newBundleProto(bundle, seq)
+		s.bundles.pem = string(pemutil.EncodeCertificates(bundle.X509Authorities()...))
 		s.bundles.seq = seq
 	}
-	return s.bundles.pb
+	return s.bundles.pb, s.bundles.pem
 }
 
 func (s *Server) newBundleProto(bundle *x509bundle.Bundle, seq uint64) *meshcav1.TrustBundle {

@@ -20,9 +20,11 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	securityv1alpha1 "istio.io/api/security/v1alpha1"
 
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/identity"
+	linkerdpb "github.com/meshca/meshca/proto/linkerd/identity"
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
 )
 
@@ -72,6 +74,14 @@ type Options struct {
 	// Observer, when set, is told the bundle sequence each caller reported
 	// holding on every certificate issued (rotation.Tracker).
 	Observer Observer
+
+	// Istio configures Istio's CA API, istio.v1.auth.IstioCertificateService.
+	// The zero value leaves it off.
+	Istio IstioOptions
+
+	// Linkerd configures Linkerd's identity API,
+	// io.linkerd.proxy.identity.Identity. The zero value leaves it off.
+	Linkerd LinkerdOptions
 }
 
 // Observer learns which bundle sequence each workload holds.
@@ -92,6 +102,8 @@ type Server struct {
 	bundles  bundleCache
 	health   *health.Server
 	observer Observer
+	istio    IstioOptions
+	linkerd  LinkerdOptions
 
 	stopOnce sync.Once
 	stopping chan struct{} // closed by Shutdown
@@ -120,6 +132,14 @@ func New(opts Options) (*Server, error) {
 	if opts.MaxRequestBytes <= 0 {
 		opts.MaxRequestBytes = MaxRequestBytes
 	}
+	istio, err := opts.Istio.complete()
+	if err != nil {
+		return nil, err
+	}
+	linkerd, err := opts.Linkerd.complete()
+	if err != nil {
+		return nil, err
+	}
 	m, err := newMetrics(opts.Registerer, opts.CA)
 	if err != nil {
 		return nil, fmt.Errorf("server: registering metrics: %w", err)
@@ -136,15 +156,18 @@ func New(opts Options) (*Server, error) {
 		health:   health.NewServer(),
 		stopping: make(chan struct{}),
 		observer: opts.Observer,
+		istio:    istio,
+		linkerd:  linkerd,
 	}, nil
 }
 
-// GRPCServer returns a gRPC server with meshca's services and gRPC health
-// registered, serving TLS with tlsConfig. The TLS config should request,
-// not require, client certificates: callers that authenticate with a token
-// have none, and a renewing caller's certificate is verified by the
-// authenticator, which gives a clear gRPC error instead of a failed
-// handshake.
+// GRPCServer returns a gRPC server with meshca's services (the native
+// certificate and bundle APIs, and Istio's and Linkerd's when enabled) and
+// gRPC health registered, serving TLS with tlsConfig. The TLS config
+// should request, not require, client certificates: callers that
+// authenticate with a token have none, and a renewing caller's certificate
+// is verified by the authenticator, which gives a clear gRPC error instead
+// of a failed handshake.
 func (s *Server) GRPCServer(tlsConfig *tls.Config, opts ...grpc.ServerOption) *grpc.Server {
 	opts = append([]grpc.ServerOption{
 		grpc.Creds(credentials.NewTLS(tlsConfig)),
@@ -159,6 +182,12 @@ func (s *Server) GRPCServer(tlsConfig *tls.Config, opts ...grpc.ServerOption) *g
 	g := grpc.NewServer(opts...)
 	meshcav1.RegisterCertificateServiceServer(g, &certificateService{s: s})
 	meshcav1.RegisterBundleServiceServer(g, &bundleService{s: s})
+	if s.istio.Enabled {
+		securityv1alpha1.RegisterIstioCertificateServiceServer(g, &istioService{s: s})
+	}
+	if s.linkerd.Enabled {
+		linkerdpb.RegisterIdentityServer(g, &linkerdService{s: s})
+	}
 	healthpb.RegisterHealthServer(g, s.health)
 	return g
 }
@@ -184,11 +213,77 @@ func (s *Server) Shutdown() {
 }
 
 // issueRequest is a front end's request translated to the shared path.
+// Front ends differ only in what they fill in here; authentication,
+// authorisation, signing, metrics and audit are the same for all.
 type issueRequest struct {
-	api            string
-	csr            []byte
-	ttl            time.Duration
+	// api labels metrics and audit lines: APINative, APIIstio, APILinkerd.
+	api string
+
+	// csr is the request's CSR, read by form (nil means svidForm{}).
+	csr  []byte
+	form csrForm
+
+	// ttl is the lifetime asked for; zero means the CA's default.
+	ttl time.Duration
+
+	// bundleSequence is the bundle the caller holds, 0 when unknown.
 	bundleSequence uint64
+
+	// credential reads the caller's credential; nil means the request's
+	// metadata and TLS client certificate (credentialFrom). Linkerd's
+	// token is in the request's body.
+	credential func(context.Context) (identity.Credential, error)
+
+	// audiences are those a token must be valid for, set on the
+	// credential (identity.Credential.Audiences); nil means the
+	// authenticator's own (the native API's).
+	audiences []string
+
+	// methods, when not empty, are the only authentication methods the
+	// API accepts.
+	methods []identity.Method
+
+	// refused, when set, refuses the request once the caller is
+	// authenticated, so that the refusal is audited with the caller: a
+	// front end's refusal of what its wire format allows and meshca does
+	// not (Istio's impersonation).
+	refused error
+}
+
+// csrForm reads the CSR of a front end's request: it checks the CSR and
+// returns the certificate to sign, whose ID is the identity the policy
+// must allow the caller. The form never decides who the caller is.
+type csrForm interface {
+	read(raw []byte, td spiffeid.TrustDomain) (ca.SignRequest, error)
+}
+
+// svidForm is the X509-SVID request of the native and Istio APIs: the
+// SPIFFE ID as the CSR's only URI SAN (ca.ParseCSR).
+type svidForm struct {
+	policy ca.CSRPolicy
+}
+
+func (f svidForm) read(raw []byte, td spiffeid.TrustDomain) (ca.SignRequest, error) {
+	csr, err := ca.ParseCSR(raw, td, f.policy)
+	if err != nil {
+		return ca.SignRequest{}, err
+	}
+	return ca.SignRequest{PublicKey: csr.PublicKey, ID: csr.ID}, nil
+}
+
+// refusal is a front end's own refusal of a request, with the gRPC code
+// and reason label it is given at the edge. Its message never holds a
+// credential.
+type refusal struct {
+	code   codes.Code
+	reason string
+	msg    string
+}
+
+func (r *refusal) Error() string { return "server: " + r.msg }
+
+func refusef(code codes.Code, reason, format string, args ...any) *refusal {
+	return &refusal{code: code, reason: reason, msg: fmt.Sprintf(format, args...)}
 }
 
 // issue authenticates the caller, validates the CSR, authorises the
@@ -234,27 +329,45 @@ func (s *Server) issue(ctx context.Context, r issueRequest) (*ca.Issued, error) 
 }
 
 func (s *Server) authorizeAndSign(ctx context.Context, r issueRequest) (identity.Caller, *ca.Issued, error) {
-	cred, err := credentialFrom(ctx)
+	readCredential := r.credential
+	if readCredential == nil {
+		readCredential = credentialFrom
+	}
+	cred, err := readCredential(ctx)
 	if err != nil {
 		return identity.Caller{}, nil, err
 	}
+	cred.Audiences = r.audiences
 	// Authenticate first: an anonymous caller costs no CSR verification.
 	caller, err := s.authn.Authenticate(ctx, cred)
 	if err != nil {
 		return identity.Caller{}, nil, err
 	}
-	csr, err := ca.ParseCSR(r.csr, s.ca.TrustDomain(), ca.CSRPolicy{})
+	if len(r.methods) > 0 {
+		if err := caller.RequireMethod(r.methods...); err != nil {
+			return caller, nil, err
+		}
+	}
+	if r.refused != nil {
+		return caller, nil, r.refused
+	}
+	form := r.form
+	if form == nil {
+		form = svidForm{}
+	}
+	req, err := form.read(r.csr, s.ca.TrustDomain())
 	if err != nil {
 		return caller, nil, err
 	}
-	if err := s.policy.Authorize(caller, csr.ID); err != nil {
+	if err := s.policy.Authorize(caller, req.ID); err != nil {
+		if req.DNSOnly {
+			// Say which name the policy's ID stands for.
+			err = fmt.Errorf("server: identity %q is %q: %w", req.DNSNames[0], req.ID, err)
+		}
 		return caller, nil, err
 	}
-	issued, err := s.ca.Sign(ctx, ca.SignRequest{
-		PublicKey: csr.PublicKey,
-		ID:        csr.ID,
-		TTL:       r.ttl,
-	})
+	req.TTL = r.ttl
+	issued, err := s.ca.Sign(ctx, req)
 	return caller, issued, err
 }
 
@@ -293,11 +406,14 @@ func toStatus(err error) (*status.Status, string) {
 		csrErr  *ca.CSRError
 		authErr *identity.AuthError
 		permErr *identity.PermissionError
+		refused *refusal
 	)
 	switch {
 	// The whole message is sent: errors of the request path never hold a
 	// credential, and an authenticator of another package may wrap the
 	// reason with a message of its own.
+	case errors.As(err, &refused):
+		return status.New(refused.code, err.Error()), refused.reason
 	case errors.As(err, &csrErr):
 		return status.New(codes.InvalidArgument, err.Error()), string(csrErr.Reason)
 	case errors.As(err, &authErr):

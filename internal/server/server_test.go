@@ -69,6 +69,14 @@ type harness struct {
 
 func start(t *testing.T) *harness {
 	t.Helper()
+	return startWith(t)
+}
+
+// startWith starts a harness whose authenticator chain is that of
+// meshca-server: the static tokens, then authns (a TokenReview
+// authenticator), then the SVID authenticator. Every front end is on.
+func startWith(t *testing.T, authns ...identity.Authenticator) *harness {
+	t.Helper()
 	set, err := ca.NewSelfSigned(ca.AuthorityOptions{TrustDomain: td})
 	require.NoError(t, err)
 	c, err := ca.New(set, ca.Options{})
@@ -80,12 +88,15 @@ func start(t *testing.T) *harness {
 	require.NoError(t, err)
 	logs := &syncBuffer{}
 	reg := prometheus.NewRegistry()
+	chain := append(append([]identity.Authenticator{tokens}, authns...), identity.NewSVIDAuthenticator(td, c, nil))
 	srv, err := server.New(server.Options{
 		CA:            c,
-		Authenticator: identity.Chain(tokens, identity.NewSVIDAuthenticator(td, c, nil)),
+		Authenticator: identity.Chain(chain...),
 		Policy:        identity.Policy{Reserved: []spiffeid.ID{serverID}},
 		Logger:        slog.New(slog.NewJSONHandler(logs, nil)),
 		Registerer:    reg,
+		Istio:         server.IstioOptions{Enabled: true},
+		Linkerd:       server.LinkerdOptions{Enabled: true},
 	})
 	require.NoError(t, err)
 	serving, err := server.NewServingCert(c, serverID, []string{"localhost"}, nil, time.Hour, nil)

@@ -117,4 +117,12 @@ kubernetes:
   stateSecret: {{ .Values.kubernetes.stateSecret }}
   leaseName: {{ .Values.kubernetes.leaseName }}
   bundleConfigMap: {{ .Values.kubernetes.bundleConfigMap }}
+istio:
+  enabled: {{ .Values.istio.enabled }}
+  audiences: {{ toJson .Values.istio.audiences }}
+linkerd:
+  enabled: {{ .Values.linkerd.enabled }}
+  audiences: {{ toJson .Values.linkerd.audiences }}
+  controlPlaneNamespace: {{ .Values.linkerd.controlPlaneNamespace | quote }}
+  clusterDomain: {{ .Values.clusterDomain | quote }}
 {{- end }}
