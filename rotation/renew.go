@@ -233,17 +233,21 @@ func (s *Source) renew(ctx context.Context, dial Dialer) (string, error) {
 	if err != nil {
 		return method, err
 	}
+	federated := s.federatedFrom(ctx, resp.GetFederatedBundles())
 	now := s.clock.Now()
 	leaf := svid.Certificates[0]
 	renewAt := s.renewPoint(leaf, now, true)
-	bundleChanged, stale := s.swap(svid, renewAt, bundle, seq)
+	changed, stale := s.swap(update{svid: svid, renewAt: renewAt, bundle: bundle, seq: seq, federated: federated, setFederated: true})
 	s.log.LogAttrs(ctx, slog.LevelInfo, "X509-SVID issued",
 		slog.String("method", method),
 		slog.String("serial", leaf.SerialNumber.Text(16)),
 		slog.Time("not_after", leaf.NotAfter),
 		slog.Time("renew_at", renewAt))
-	if bundleChanged {
+	if changed.bundle {
 		s.log.LogAttrs(ctx, slog.LevelInfo, "trust bundle updated", slog.String("from", "sign"), slog.Uint64("sequence", seq))
+	}
+	if changed.federated {
+		s.log.LogAttrs(ctx, slog.LevelInfo, "federated bundles updated", slog.Any("trust_domains", trustDomains(federated)))
 	}
 	if stale != nil {
 		// The watch swapped in a newer bundle between check and swap.

@@ -127,6 +127,7 @@ type fakeCA struct {
 	down          bool // Sign fails with Unavailable
 	refuseCerts   bool // Sign with a client certificate fails with Unauthenticated
 	tamper        func(*leafRequest)
+	federated     []*meshcav1.TrustBundle                 // sent in every Sign response
 	refuseWatches int                                     // the next watches fail at once
 	watchers      map[chan *meshcav1.TrustBundle]struct{} // one per open watch
 	broken        chan struct{}                           // closed to break the open watches
@@ -276,10 +277,11 @@ func (f *fakeCA) signLocked(req *meshcav1.SignRequest) (*meshcav1.SignResponse, 
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	return &meshcav1.SignResponse{
-		CertChain: [][]byte{der, lr.issuer.Cert.Raw},
-		Bundle:    lr.bundle,
-		ExpiresAt: timestamppb.New(lr.notAfter),
-		SpiffeId:  lr.uri.String(),
+		CertChain:        [][]byte{der, lr.issuer.Cert.Raw},
+		Bundle:           lr.bundle,
+		FederatedBundles: f.federated,
+		ExpiresAt:        timestamppb.New(lr.notAfter),
+		SpiffeId:         lr.uri.String(),
 	}, nil
 }
 
@@ -357,6 +359,14 @@ func (f *fakeCA) setRefuseCerts(refuse bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.refuseCerts = refuse
+}
+
+// setFederated makes pbs the federated bundles of the next Sign
+// responses.
+func (f *fakeCA) setFederated(pbs ...*meshcav1.TrustBundle) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.federated = pbs
 }
 
 func (f *fakeCA) setTamper(tamper func(*leafRequest)) {

@@ -142,8 +142,9 @@ type Source struct {
 	renewAt   time.Time
 	bundle    *x509bundle.Bundle
 	bundleSeq uint64
-	changed   chan struct{} // closed and replaced on every change
-	ready     chan struct{} // closed when the first SVID is held
+	federated []*x509bundle.Bundle // sorted by trust domain; never s.td
+	changed   chan struct{}        // closed and replaced on every change
+	ready     chan struct{}        // closed when the first SVID is held
 }
 
 var (
@@ -277,15 +278,20 @@ func (s *Source) GetX509SVID() (*x509svid.SVID, error) {
 	return s.svid, nil
 }
 
-// GetX509BundleForTrustDomain returns the current bundle of the source's
-// trust domain, and an error for any other trust domain.
+// GetX509BundleForTrustDomain returns the current bundle of td: the
+// source's own trust domain, or a federated one the server sent (see
+// FederatedBundles). It returns an error for any other trust domain. The
+// bundle is shared: callers must not modify it.
 func (s *Source) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
-	if td != s.td {
-		return nil, fmt.Errorf("rotation: no bundle for trust domain %q; this source holds only %q", td, s.td)
-	}
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	return s.bundle, nil
+	if td == s.td {
+		return s.bundle, nil
+	}
+	if b := findBundle(s.federated, td); b != nil {
+		return b, nil
+	}
+	return nil, fmt.Errorf("rotation: no bundle for trust domain %q; this source holds %q and no federated bundle for it", td, s.td)
 }
 
 // BundleSequence returns the sequence number of the bundle the source
@@ -296,8 +302,8 @@ func (s *Source) BundleSequence() uint64 {
 	return s.bundleSeq
 }
 
-// Changed returns a channel that is closed at the next change of the SVID
-// or the bundle. Expiry is not a change: an SVID that expires unrenewed
+// Changed returns a channel that is closed at the next change of the SVID,
+// the bundle or the federated bundles. Expiry is not a change: an SVID that expires unrenewed
 // stays until the next one, and GetX509SVID refuses it. Take the channel
 // before reading the state, so that no change is missed:
 //
@@ -331,19 +337,42 @@ func (s *Source) WaitUntilReady(ctx context.Context) error {
 
 // setSVID swaps svid in, to be renewed at renewAt. See swap for the error.
 func (s *Source) setSVID(svid *x509svid.SVID, renewAt time.Time) error {
-	_, err := s.swap(svid, renewAt, nil, 0)
+	_, err := s.swap(update{svid: svid, renewAt: renewAt})
 	return err
 }
 
 // setBundle swaps bundle in when seq is newer than the held bundle's, and
 // reports whether it did. See swap for the error.
 func (s *Source) setBundle(bundle *x509bundle.Bundle, seq uint64) (bool, error) {
-	return s.swap(nil, time.Time{}, bundle, seq)
+	changes, err := s.swap(update{bundle: bundle, seq: seq})
+	return changes.bundle, err
 }
 
-// swap swaps in svid, to be renewed at renewAt, unless it is nil, and
-// bundle when it is not nil and seq is newer than the held bundle's; it
-// reports whether the bundle was swapped in.
+// update is what swap swaps in; its zero value changes nothing.
+type update struct {
+	// svid, unless nil, replaces the held SVID, to be renewed at renewAt.
+	svid    *x509svid.SVID
+	renewAt time.Time
+
+	// bundle, unless nil, replaces the held bundle when seq is newer.
+	bundle *x509bundle.Bundle
+	seq    uint64
+
+	// federated, when setFederated, replaces the federated bundles: sorted
+	// by trust domain, none of the source's own.
+	federated    []*x509bundle.Bundle
+	setFederated bool
+}
+
+// changes says what a swap changed.
+type changes struct {
+	bundle    bool // the bundle of the source's trust domain
+	federated bool // the set of federated bundles, or one of them
+}
+
+// swap swaps in what u holds: an SVID, a bundle newer than the held one,
+// federated bundles. It reports which bundles changed, and notifies
+// Changed when anything did.
 //
 // Then, whichever came first, it checks that the held SVID verifies
 // against the held bundle. When it does not (a bundle without its root
@@ -355,51 +384,59 @@ func (s *Source) setBundle(bundle *x509bundle.Bundle, seq uint64) (bool, error) 
 // are made under one lock with both swaps, so the SVID and bundle held
 // at the end are checked together, in whatever order the Sign response
 // and the watch swap theirs in.
-func (s *Source) swap(svid *x509svid.SVID, renewAt time.Time, bundle *x509bundle.Bundle, seq uint64) (bool, error) {
+func (s *Source) swap(u update) (changes, error) {
 	var cert *tls.Certificate
-	if svid != nil {
+	if u.svid != nil {
 		cert = &tls.Certificate{
-			Certificate: make([][]byte, len(svid.Certificates)),
-			PrivateKey:  svid.PrivateKey,
-			Leaf:        svid.Certificates[0],
+			Certificate: make([][]byte, len(u.svid.Certificates)),
+			PrivateKey:  u.svid.PrivateKey,
+			Leaf:        u.svid.Certificates[0],
 		}
-		for i, c := range svid.Certificates {
+		for i, c := range u.svid.Certificates {
 			cert.Certificate[i] = c.Raw
 		}
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	bundleChanged := bundle != nil && seq > s.bundleSeq
-	if bundleChanged {
-		s.bundle, s.bundleSeq = bundle, seq
+	var ch changes
+	if u.bundle != nil && u.seq > s.bundleSeq {
+		s.bundle, s.bundleSeq = u.bundle, u.seq
+		ch.bundle = true
 	}
-	if svid != nil {
+	if u.setFederated && !sameBundles(s.federated, u.federated) {
+		s.federated = u.federated
+		ch.federated = true
+	}
+	if u.svid != nil {
 		first := s.svid == nil
-		s.svid, s.tlsCert, s.renewAt = svid, cert, renewAt
+		s.svid, s.tlsCert, s.renewAt = u.svid, cert, u.renewAt
 		if first {
 			close(s.ready)
 		}
 	}
-	if !bundleChanged && svid == nil {
-		return false, nil
+	if !ch.bundle && u.svid == nil {
+		if ch.federated {
+			s.notifyLocked()
+		}
+		return ch, nil
 	}
 	s.notifyLocked()
 	if s.svid == nil || !s.clock.Now().Before(s.svid.Certificates[0].NotAfter) {
 		// Nothing to renew early: the renewal loop is already getting one.
-		return bundleChanged, nil
+		return ch, nil
 	}
 	if err := s.verify(s.svid, s.bundle); err != nil {
 		select {
 		case s.renewal <- struct{}{}:
 		default:
 		}
-		return bundleChanged, err
+		return ch, err
 	}
 	select {
 	case <-s.renewal:
 	default:
 	}
-	return bundleChanged, nil
+	return ch, nil
 }
 
 func (s *Source) notifyLocked() {

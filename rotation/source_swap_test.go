@@ -4,6 +4,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/require"
 	clocktesting "k8s.io/utils/clock/testing"
@@ -69,20 +70,61 @@ func TestSwapChecksTheSVIDAgainstTheBundle(t *testing.T) {
 		// The old SVID does not verify against the response's bundle, but
 		// the new one does: no renewal.
 		s := newSource(t)
-		changed, err := s.swap(svidB, renewAt, bundleB, 2)
-		require.True(t, changed)
+		changed, err := s.swap(update{svid: svidB, renewAt: renewAt, bundle: bundleB, seq: 2})
+		require.True(t, changed.bundle)
 		require.NoError(t, err)
 		requireRenewal(t, s, false)
 	})
 	t.Run("an older bundle changes nothing", func(t *testing.T) {
 		s := newSource(t)
-		_, err := s.swap(nil, time.Time{}, rootA.Bundle(), 3)
+		_, err := s.swap(update{bundle: rootA.Bundle(), seq: 3})
 		require.NoError(t, err)
 		changed, err := s.setBundle(bundleB, 3)
 		require.False(t, changed)
 		require.NoError(t, err)
 		requireRenewal(t, s, false)
 	})
+}
+
+// TestSwapNotifiesFederatedChanges checks that federated bundles alone
+// notify Changed when they change, and only then.
+func TestSwapNotifiesFederatedChanges(t *testing.T) {
+	td := spiffeid.RequireTrustDomainFromString("example.org")
+	other := testca.New(t, spiffeid.RequireTrustDomainFromString("other.org"))
+	s, err := NewSource(Options{ID: spiffeid.RequireFromPath(td, "/w"), InitialBundle: testca.New(t, td).Bundle()})
+	require.NoError(t, err)
+
+	changed := s.Changed()
+	ch, err := s.swap(update{federated: []*x509bundle.Bundle{other.Bundle()}, setFederated: true})
+	require.NoError(t, err)
+	require.Equal(t, changes{federated: true}, ch)
+	require.True(t, isClosed(changed))
+
+	changed = s.Changed()
+	ch, err = s.swap(update{federated: []*x509bundle.Bundle{other.Bundle()}, setFederated: true})
+	require.NoError(t, err)
+	require.Equal(t, changes{}, ch, "the same bundles")
+	require.False(t, isClosed(changed))
+
+	ch, err = s.swap(update{})
+	require.NoError(t, err)
+	require.Equal(t, changes{}, ch, "federated bundles not set")
+	require.Len(t, s.FederatedBundles(), 1)
+
+	ch, err = s.swap(update{setFederated: true})
+	require.NoError(t, err)
+	require.Equal(t, changes{federated: true}, ch, "none any more")
+	require.True(t, isClosed(changed))
+	require.Empty(t, s.FederatedBundles())
+}
+
+func isClosed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
 }
 
 // requireRenewal checks whether a renewal is asked for, without taking the

@@ -114,7 +114,7 @@ func TestSourceBeforeTheFirstSVID(t *testing.T) {
 	require.Equal(t, []*x509.Certificate{h.ca.root.Cert}, bundle.X509Authorities())
 	require.Zero(t, h.src.BundleSequence())
 	_, err = h.src.GetX509BundleForTrustDomain(spiffeid.RequireTrustDomainFromString("other.org"))
-	require.EqualError(t, err, `rotation: no bundle for trust domain "other.org"; this source holds only "example.org"`)
+	require.EqualError(t, err, `rotation: no bundle for trust domain "other.org"; this source holds "example.org" and no federated bundle for it`)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
