@@ -22,8 +22,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/meshca/meshca/agent/internal/fake"
 	"github.com/meshca/meshca/agent/sds"
-	"github.com/meshca/meshca/agent/sds/fake"
 	"github.com/meshca/meshca/internal/pemutil"
 	"github.com/meshca/meshca/testca"
 )
@@ -66,7 +66,7 @@ func start(t *testing.T, opts sds.Options, svid bool) *env {
 		runDone: make(chan struct{}),
 	}
 	if svid {
-		e.src.SetX509SVID(e.inter.CreateX509SVID(id))
+		e.src.WithSVID(e.inter.CreateX509SVID(id))
 	}
 	opts.Source = e.src
 	opts.Logger = slog.New(e.logs.handler())
@@ -123,7 +123,7 @@ func testContext(t *testing.T) context.Context {
 // it.
 func (e *env) rotate() *x509svid.SVID {
 	svid := e.inter.CreateX509SVID(id)
-	e.src.SetX509SVID(svid)
+	e.src.WithSVID(svid)
 	return svid
 }
 

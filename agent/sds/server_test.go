@@ -19,8 +19,8 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/meshca/meshca/agent/internal/fake"
 	"github.com/meshca/meshca/agent/sds"
-	"github.com/meshca/meshca/agent/sds/fake"
 	"github.com/meshca/meshca/internal/pemutil"
 	"github.com/meshca/meshca/rotation"
 	"github.com/meshca/meshca/testca"
@@ -100,7 +100,7 @@ func TestADSClient(t *testing.T) {
 
 	// A root prepared: the bundle holds two roots.
 	next := testca.New(t, td)
-	e.src.SetBundle(x509bundle.FromX509Authorities(td, []*x509.Certificate{e.root.Cert, next.Cert}))
+	e.src.WithBundle(x509bundle.FromX509Authorities(td, []*x509.Certificate{e.root.Cert, next.Cert}))
 	resp, err = client.Fetch()
 	require.NoError(t, err)
 	got = secrets(t, resp.Resources)
@@ -149,7 +149,7 @@ func TestStreamSecrets(t *testing.T) {
 	ack(next)
 
 	root2 := testca.New(t, td)
-	e.src.SetBundle(x509bundle.FromX509Authorities(td, []*x509.Certificate{root2.Cert}))
+	e.src.WithBundle(x509bundle.FromX509Authorities(td, []*x509.Certificate{root2.Cert}))
 	next, err = stream.Recv()
 	require.NoError(t, err)
 	got = secrets(t, next.GetResources())
@@ -198,7 +198,7 @@ func TestDeltaSecrets(t *testing.T) {
 	requireCertificate(t, got["default"], svid)
 
 	root2 := testca.New(t, td)
-	e.src.SetBundle(x509bundle.FromX509Authorities(td, []*x509.Certificate{e.root.Cert, root2.Cert}))
+	e.src.WithBundle(x509bundle.FromX509Authorities(td, []*x509.Certificate{e.root.Cert, root2.Cert}))
 	got = recv()
 	require.Equal(t, []string{"ROOTCA"}, names(got), "only the roots changed; ALL is not subscribed")
 	requireRoots(t, got["ROOTCA"], e.root.Cert, root2.Cert)
@@ -380,7 +380,7 @@ func TestFederation(t *testing.T) {
 	e.logs.waitFor(t, logServing, 1)
 	require.Equal(t, map[string][]*x509.Certificate{"cluster.local": {e.root.Cert}}, fetchSPIFFEDomains(t, e),
 		"with no federation, ALL holds the own trust domain")
-	e.src.SetFederatedBundles(partnerCA.Bundle())
+	e.src.WithFederated(partnerCA.Bundle())
 	e.logs.waitFor(t, logServing, 2)
 
 	client := sotw.NewADSClient(testContext(t), envoyID, resource.SecretType)
@@ -398,7 +398,7 @@ func TestFederation(t *testing.T) {
 	// bank.example federates; an empty bundle of a third domain is left
 	// out, as Envoy would reject the whole validation context.
 	empty := x509bundle.New(spiffeid.RequireTrustDomainFromString("empty.example"))
-	e.src.SetFederatedBundles(partnerCA.Bundle(), bankCA.Bundle(), empty)
+	e.src.WithFederated(partnerCA.Bundle(), bankCA.Bundle(), empty)
 	resp, err = client.Fetch()
 	require.NoError(t, err)
 	got = secrets(t, resp.Resources)
@@ -469,9 +469,9 @@ func TestSourceWithoutBundle(t *testing.T) {
 
 	// An SVID of another trust domain, whose bundle the source lacks.
 	other := testca.New(t, spiffeid.RequireTrustDomainFromString("other.example"))
-	e.src.SetX509SVID(other.CreateX509SVID(spiffeid.RequireFromPath(other.Bundle().TrustDomain(), "/x")))
+	e.src.WithSVID(other.CreateX509SVID(spiffeid.RequireFromPath(other.Bundle().TrustDomain(), "/x")))
 	e.logs.waitFor(t, logCannotServe, 1)
-	require.Contains(t, e.logs.String(), `sds: getting the bundle of \"other.example\": fake: no bundle for trust domain \"other.example\"`)
+	require.Contains(t, e.logs.String(), `sds: getting the bundle of \"other.example\": fake: no bundle for other.example`)
 
 	resp, err := secretv3.NewSecretDiscoveryServiceClient(e.conn).FetchSecrets(testContext(t), &discoveryv3.DiscoveryRequest{ResourceNames: []string{"default"}})
 	require.NoError(t, err)

@@ -19,17 +19,21 @@ import (
 // concurrent use.
 type Source struct {
 	mu        sync.Mutex
-	td        spiffeid.TrustDomain
 	svid      *x509svid.SVID
 	svidErr   error
-	bundle    *x509bundle.Bundle
+	bundles   map[spiffeid.TrustDomain]*x509bundle.Bundle
 	federated []*x509bundle.Bundle
 	changed   chan struct{}
 }
 
-// NewSource returns a source for td with bundle and no SVID.
-func NewSource(bundle *x509bundle.Bundle) *Source {
-	return &Source{td: bundle.TrustDomain(), bundle: bundle, changed: make(chan struct{})}
+// NewSource returns a source holding bundles (none is allowed) and no
+// SVID.
+func NewSource(bundles ...*x509bundle.Bundle) *Source {
+	s := &Source{bundles: make(map[spiffeid.TrustDomain]*x509bundle.Bundle), changed: make(chan struct{})}
+	for _, b := range bundles {
+		s.bundles[b.TrustDomain()] = b
+	}
+	return s
 }
 
 // WithSVID sets the SVID and notifies Changed; it returns s.
@@ -48,10 +52,10 @@ func (s *Source) WithSVIDError(err error) *Source {
 	return s
 }
 
-// WithBundle sets the bundle of the source's trust domain and notifies
-// Changed; it returns s.
+// WithBundle sets the bundle of its trust domain (the SVID's, for the
+// source's users) and notifies Changed; it returns s.
 func (s *Source) WithBundle(bundle *x509bundle.Bundle) *Source {
-	s.set(func() { s.bundle = bundle })
+	s.set(func() { s.bundles[bundle.TrustDomain()] = bundle })
 	return s
 }
 
@@ -90,13 +94,13 @@ func (s *Source) GetX509SVID() (*x509svid.SVID, error) {
 	return s.svid, nil
 }
 
-// GetX509BundleForTrustDomain returns the bundle of td: the source's own
-// or a federated one.
+// GetX509BundleForTrustDomain returns the bundle of td: one set with
+// NewSource or WithBundle, or a federated one.
 func (s *Source) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if td == s.td {
-		return s.bundle, nil
+	if b, ok := s.bundles[td]; ok {
+		return b, nil
 	}
 	for _, b := range s.federated {
 		if b.TrustDomain() == td {
