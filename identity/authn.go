@@ -76,29 +76,6 @@ func joinMethods(methods []Method) string {
 	return strings.Join(s, " or ")
 }
 
-// ParseToken returns a bearer token carried in a request's body rather
-// than in an "authorization" header (Linkerd's Certify has a token field),
-// field naming it in errors. Surrounding white space (a token file's
-// final newline) is removed, and the bounds of ParseBearer apply: at most
-// MaxTokenLength bytes of printable ASCII. An empty token is an *AuthError
-// of reason ReasonNoCredential, any other refusal one of reason
-// ReasonMalformedToken. The error never holds the token.
-func ParseToken(raw []byte, field string) (string, error) {
-	if len(raw) > MaxTokenLength {
-		return "", authErrorf(ReasonMalformedToken, nil, "%s is %d bytes, more than the limit of %d", field, len(raw), MaxTokenLength)
-	}
-	token := strings.TrimSpace(string(raw))
-	if token == "" {
-		return "", authErrorf(ReasonNoCredential, nil, "no credential: %s is empty; send the workload's service-account token", field)
-	}
-	for i := 0; i < len(token); i++ {
-		if c := token[i]; c <= ' ' || c >= 0x7f {
-			return "", authErrorf(ReasonMalformedToken, nil, "%s has a character outside printable ASCII at offset %d", field, i)
-		}
-	}
-	return token, nil
-}
-
 // Authenticator turns a credential into a caller.
 //
 // An authenticator returns an error wrapping ErrNotApplicable when the

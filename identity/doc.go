@@ -10,4 +10,11 @@
 //	caller, err := authn.Authenticate(ctx, identity.Credential{Token: token})
 //	if err != nil { ... } // *AuthError: Unauthenticated
 //	if err := policy.Authorize(caller, csr.ID); err != nil { ... } // *PermissionError
+//
+// What differs between front ends is carried by the credential, not by a
+// second copy of the rules: Credential.Audiences names the audiences a
+// token must be valid for on this API (a token minted for Linkerd is no
+// credential on the native API), and Caller.RequireMethod lets an API
+// accept only some methods (Linkerd: service-account tokens only, since
+// its identity is the service account's).
 package identity
