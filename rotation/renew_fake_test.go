@@ -127,11 +127,11 @@ type fakeCA struct {
 	down          bool // Sign fails with Unavailable
 	refuseCerts   bool // Sign with a client certificate fails with Unauthenticated
 	tamper        func(*leafRequest)
-	federated     []*meshcav1.TrustBundle                 // sent in every Sign response
-	refuseWatches int                                     // the next watches fail at once
-	watchers      map[chan *meshcav1.TrustBundle]struct{} // one per open watch
-	broken        chan struct{}                           // closed to break the open watches
-	watches       int                                     // watches opened
+	federated     []*meshcav1.TrustBundle                  // sent in every Sign response and watch update
+	refuseWatches int                                      // the next watches fail at once
+	watchers      map[chan *meshcav1.BundleUpdate]struct{} // one per open watch
+	broken        chan struct{}                            // closed to break the open watches
+	watches       int                                      // watches opened
 	signs         []signCall
 }
 
@@ -144,7 +144,7 @@ func newFakeCA(t *testing.T, clk *timerClock) *fakeCA {
 		clock:    clk,
 		root:     root,
 		issuer:   root.ChildCA(life),
-		watchers: map[chan *meshcav1.TrustBundle]struct{}{},
+		watchers: map[chan *meshcav1.BundleUpdate]struct{}{},
 		broken:   make(chan struct{}),
 	}
 	f.bundle = bundleMsg(1, root)
@@ -293,21 +293,22 @@ func (f *fakeCA) WatchBundle(_ *meshcav1.WatchBundleRequest, stream meshcav1.Bun
 		f.mu.Unlock()
 		return status.Error(codes.Unavailable, "fake CA refuses watches")
 	}
-	updates := make(chan *meshcav1.TrustBundle, 16)
+	updates := make(chan *meshcav1.BundleUpdate, 16)
 	f.watchers[updates] = struct{}{}
-	current, broken := f.bundle, f.broken
+	current := &meshcav1.BundleUpdate{Bundle: f.bundle, FederatedBundles: f.federated}
+	broken := f.broken
 	f.mu.Unlock()
 	defer func() {
 		f.mu.Lock()
 		delete(f.watchers, updates)
 		f.mu.Unlock()
 	}()
-	for pb := current; ; {
-		if err := stream.Send(pb); err != nil {
+	for up := current; ; {
+		if err := stream.Send(up); err != nil {
 			return err
 		}
 		select {
-		case pb = <-updates:
+		case up = <-updates:
 		case <-broken:
 			return status.Error(codes.Unavailable, "fake CA broke the watch")
 		case <-stream.Context().Done():
@@ -333,8 +334,18 @@ func (f *fakeCA) push(pb *meshcav1.TrustBundle) {
 
 func (f *fakeCA) pushLocked(pb *meshcav1.TrustBundle) {
 	for w := range f.watchers {
-		w <- pb
+		w <- &meshcav1.BundleUpdate{Bundle: pb, FederatedBundles: f.federated}
 	}
+}
+
+// pushFederated makes pbs the federated bundles of the next Sign
+// responses and sends them, with the CA's bundle, on every open watch, as
+// meshca-server does when its federated bundles change.
+func (f *fakeCA) pushFederated(pbs ...*meshcav1.TrustBundle) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.federated = pbs
+	f.pushLocked(f.bundle)
 }
 
 // breakWatches ends every open watch with Unavailable; the next n watches
@@ -362,7 +373,7 @@ func (f *fakeCA) setRefuseCerts(refuse bool) {
 }
 
 // setFederated makes pbs the federated bundles of the next Sign
-// responses.
+// responses and watch updates, without sending them on the open watches.
 func (f *fakeCA) setFederated(pbs ...*meshcav1.TrustBundle) {
 	f.mu.Lock()
 	defer f.mu.Unlock()

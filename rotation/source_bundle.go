@@ -68,22 +68,31 @@ func (s *Source) watchOnce(ctx context.Context, dial Dialer) (bool, error) {
 	}
 }
 
-// receiveBundle swaps in a bundle from the watch when it is newer than the
-// held one. When the current SVID no longer verifies against it (its root
-// left the bundle), swap asks for a renewal at once.
-func (s *Source) receiveBundle(ctx context.Context, pb *meshcav1.TrustBundle) {
-	bundle, seq, err := s.parseBundle(pb)
-	if err != nil {
+// receiveBundle swaps in what an update of the watch holds: its bundle
+// when it is newer than the held one, and its federated bundles, checked
+// as those of a Sign response are (federatedFrom). A bad bundle of the
+// source's own trust domain is ignored, and the federated bundles are
+// still taken. When the current SVID no longer verifies against the new
+// bundle (its root left it), swap asks for a renewal at once.
+func (s *Source) receiveBundle(ctx context.Context, up *meshcav1.BundleUpdate) {
+	u := update{federated: s.federatedFrom(ctx, up.GetFederatedBundles()), setFederated: true}
+	if up.GetBundle() == nil {
+		s.log.LogAttrs(ctx, slog.LevelWarn, "ignoring a bad bundle from the watch", slog.Any("error", errors.New("rotation: the update has no bundle")))
+	} else if bundle, seq, err := s.parseBundle(up.GetBundle()); err != nil {
 		s.log.LogAttrs(ctx, slog.LevelWarn, "ignoring a bad bundle from the watch", slog.Any("error", fmt.Errorf("rotation: %w", err)))
+	} else {
+		u.bundle, u.seq = bundle, seq
+	}
+	changed, err := s.swap(u)
+	if changed.federated {
+		s.log.LogAttrs(ctx, slog.LevelInfo, "federated bundles updated", slog.String("from", "watch"), slog.Any("trust_domains", trustDomains(u.federated)))
+	}
+	if !changed.bundle {
 		return
 	}
-	changed, err := s.setBundle(bundle, seq)
-	if !changed {
-		return
-	}
-	s.log.LogAttrs(ctx, slog.LevelInfo, "trust bundle updated", slog.String("from", "watch"), slog.Uint64("sequence", seq))
+	s.log.LogAttrs(ctx, slog.LevelInfo, "trust bundle updated", slog.String("from", "watch"), slog.Uint64("sequence", u.seq))
 	if err != nil {
 		s.log.LogAttrs(ctx, slog.LevelWarn, "the X509-SVID does not verify against the new bundle; renewing now",
-			slog.Uint64("sequence", seq), slog.Any("error", err))
+			slog.Uint64("sequence", u.seq), slog.Any("error", err))
 	}
 }

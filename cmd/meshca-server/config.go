@@ -86,6 +86,11 @@ type Config struct {
 	// 0600) for spiffe://<td>/ns/default/sa/demo and prints a ready-to-paste
 	// meshctl command. For trying meshca out, never for production.
 	Demo bool `json:"demo"`
+
+	// Federation federates the trust domain with others (SPIFFE
+	// federation): a bundle endpoint serving this trust domain's bundle to
+	// them, and the peers whose bundles are fetched and sent to workloads.
+	Federation FederationConfig `json:"federation"`
 }
 
 // AuthorityConfig selects and configures the signing authorities.
@@ -193,6 +198,78 @@ type LinkerdConfig struct {
 	ClusterDomain string `json:"clusterDomain"`
 }
 
+// FederationConfig configures SPIFFE federation. The server always keeps
+// the peers added at run time (meshctl federation add) with their last
+// good bundles in <dataDir>/federation.json, except in Kubernetes mode,
+// where the peers are those of Peers only and the file is each replica's
+// cache of their bundles.
+type FederationConfig struct {
+	// Endpoint serves this trust domain's bundle to peers. Off unless its
+	// listenAddress is set.
+	Endpoint FederationEndpointConfig `json:"endpoint"`
+
+	// RefreshHint is how often a peer's bundle is fetched when the bundle
+	// carries no spiffe_refresh_hint. Default 5m. (The endpoint serves
+	// bundleRefreshHint as its own spiffe_refresh_hint.)
+	RefreshHint Duration `json:"refreshHint"`
+
+	// MinRefresh and MaxRefresh bound the refresh hint a peer's bundle
+	// asks for. Defaults 30s and 1h.
+	MinRefresh Duration `json:"minRefresh"`
+	MaxRefresh Duration `json:"maxRefresh"`
+
+	// Peers are trust domains federated with from the start. They are
+	// changed here, not with meshctl. Default none.
+	Peers []FederationPeerConfig `json:"peers"`
+}
+
+// FederationEndpointConfig is the SPIFFE bundle endpoint: this trust
+// domain's bundle at "/" over HTTPS, with spiffe_sequence and
+// spiffe_refresh_hint (bundleRefreshHint).
+type FederationEndpointConfig struct {
+	// ListenAddress of the endpoint, such as "0.0.0.0:8444". Empty means
+	// no endpoint.
+	ListenAddress string `json:"listenAddress"`
+
+	// Profile is "https_spiffe" (default: the endpoint presents the
+	// server's own X509-SVID, spiffe://<trustDomain>/meshca/server unless
+	// server.id says otherwise) or "https_web" (a Web PKI certificate from
+	// CertFile and KeyFile).
+	Profile string `json:"profile"`
+
+	// CertFile and KeyFile are the Web PKI certificate chain and key (PEM)
+	// of profile https_web, read again when they change. The key file must
+	// not be readable by group or others.
+	CertFile string `json:"certFile"`
+	KeyFile  string `json:"keyFile"`
+}
+
+// FederationPeerConfig is a federated trust domain: where its bundle
+// endpoint is and how it authenticates.
+type FederationPeerConfig struct {
+	// TrustDomain of the peer. Required; not this server's.
+	TrustDomain string `json:"trustDomain"`
+
+	// URL of the peer's bundle endpoint, https. Required.
+	URL string `json:"url"`
+
+	// Profile of the endpoint: "https_spiffe" or "https_web". Required.
+	Profile string `json:"profile"`
+
+	// EndpointID is the SPIFFE ID the endpoint presents, for https_spiffe
+	// (a meshca peer's is spiffe://<trustDomain>/meshca/server).
+	EndpointID string `json:"endpointID"`
+
+	// BundleFile holds the peer's bundle obtained out of band, PEM or
+	// SPIFFE JSON, for https_spiffe: it authenticates the endpoint until
+	// the first fetch, and is published until then.
+	BundleFile string `json:"bundleFile"`
+
+	// WebCAFile holds the PEM roots that verify the endpoint, for
+	// https_web; empty means the system's roots.
+	WebCAFile string `json:"webCAFile"`
+}
+
 // FilesConfig names a plugged-in CA's files.
 type FilesConfig struct {
 	RootCert  string `json:"rootCert"`
@@ -276,6 +353,7 @@ type completeConfig struct {
 	ttl      ca.TTLPolicy
 	istio    server.IstioOptions
 	linkerd  server.LinkerdOptions
+	fed      federationSettings
 }
 
 // complete applies the defaults and checks every value.
@@ -378,6 +456,9 @@ func (c Config) complete() (*completeConfig, error) {
 		}
 	}
 	if err := cc.completeFrontEnds(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := cc.completeFederation(); err != nil {
 		errs = append(errs, err)
 	}
 	if c.Profiling && c.MetricsAddress == "off" {

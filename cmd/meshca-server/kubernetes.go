@@ -31,6 +31,10 @@ type kubeEnv struct {
 	// reviews never delays Lease renewals or Secret writes.
 	reviews kubernetes.Interface
 	log     *slog.Logger
+
+	// federated gives the federated bundles the leader publishes beside
+	// the own bundle; nil publishes none.
+	federated bundlepublish.FederatedSource
 }
 
 func newKubeEnv(cfg KubernetesConfig, log *slog.Logger) (*kubeEnv, error) {
@@ -152,6 +156,7 @@ func (k *kubeEnv) publisher(c *ca.CA, hint time.Duration, reg prometheus.Registe
 	return bundlepublish.New(bundlepublish.Options{
 		Client:        k.client,
 		Source:        c,
+		Federated:     k.federated,
 		ConfigMapName: k.cfg.BundleConfigMap,
 		RefreshHint:   hint,
 		Logger:        k.log,

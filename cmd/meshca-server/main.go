@@ -189,6 +189,15 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	// The federator publishes its stored peers' bundles at once, before
+	// any fetch; it fetches once Run runs.
+	fed, err := newFederator(ctx, cfg, reg, log)
+	if err != nil {
+		return err
+	}
+	if kube != nil {
+		kube.federated = fed
+	}
 	// adminLeader says who may run rotation steps: this replica, unless
 	// replicas elect a leader.
 	var adminLeader func() (bool, string)
@@ -236,6 +245,7 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 		Observer:      tracker,
 		Istio:         cfg.istio,
 		Linkerd:       cfg.linkerd,
+		Federated:     fed,
 	})
 	if err != nil {
 		return err
@@ -244,6 +254,14 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
+	fedCtx, stopFederation := context.WithCancel(ctx)
+	defer stopFederation()
+	fedLis, fedDone, err := startFederationEndpoint(fedCtx, cfg, c, serving, log)
+	if err != nil {
+		return err
+	}
+	fedRunDone := make(chan struct{})
+	go func() { defer close(fedRunDone); _ = fed.Run(fedCtx) }()
 	lis, err := net.Listen("tcp", cfg.ListenAddress)
 	if err != nil {
 		return fmt.Errorf("listening for gRPC: %w", err)
@@ -295,7 +313,12 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 			lis.Close()
 			return err
 		}
-		admin = server.NewAdminServer(server.AdminOptions{CA: c, Manager: manager, Tracker: tracker, MaxLeafTTL: maxLeafTTL, Logger: audit, Leader: adminLeader})
+		adminOpts := server.AdminOptions{CA: c, Manager: manager, Tracker: tracker, MaxLeafTTL: maxLeafTTL, Logger: audit, Leader: adminLeader,
+			Federator: fed, ConfigPeers: cfg.fed.configPeers()}
+		if kube != nil {
+			adminOpts.FixedPeers = kubernetesFixedPeers
+		}
+		admin = server.NewAdminServer(adminOpts)
 		go func() { errc <- admin.Serve(adminLis) }()
 	}
 	active, _ := c.Authorities().ActiveRoot()
@@ -311,7 +334,9 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 		"bundle", bundlePath,
 		"admin_socket", cfg.AdminSocket,
 		"istio_api", cfg.istio.Enabled,
-		"linkerd_api", cfg.linkerd.Enabled)
+		"linkerd_api", cfg.linkerd.Enabled,
+		"federation_address", addrOf(fedLis),
+		"federated_trust_domains", len(fed.Peers()))
 	if cfg.Demo {
 		printBanner(stdout, cfg, lis.Addr().String(), bundlePath, demoTokenPath)
 	}
@@ -319,6 +344,8 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 	select {
 	case err := <-errc:
 		return fmt.Errorf("gRPC server: %w", err)
+	case err := <-fedDone:
+		return err
 	case <-ctx.Done():
 	}
 	log.Info("shutting down", "grace", shutdownGrace.String())
@@ -341,6 +368,15 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 		defer cancel()
 		_ = metricsSrv.Shutdown(sctx)
 	}
+	// The bundle endpoint shuts down gracefully with ctx; the federator
+	// stops its fetches.
+	stopFederation()
+	if fedDone != nil {
+		if err := <-fedDone; err != nil {
+			log.Error("federation endpoint stopped", "error", err)
+		}
+	}
+	<-fedRunDone
 	// The leader hands its Lease over as it stops, so that another replica
 	// takes over at once rather than after the Lease expires.
 	select {

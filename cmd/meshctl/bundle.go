@@ -8,12 +8,15 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/meshca/meshca/internal/pemutil"
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
@@ -44,10 +47,13 @@ workload must trust) and prints it:
 (seconds), "roots": [{"subject", "serial" (hex), "notAfter"}]}.
 
 --watch keeps a stream open and prints the bundle at once and then each time
-it changes (a root prepared, activated or retired), each preceded by a
-"# sequence N" line (with -o json: one JSON object a line), until
-interrupted. A broken stream is reopened; a bundle already printed is not
-printed again.
+it or a federated trust domain's bundle changes (a root prepared, activated
+or retired; a peer added, removed or rotating its root), each preceded by a
+"# sequence N" line that also names the federated bundles (with -o json:
+one JSON object a line, with "federated": the federated bundles'
+summaries), until interrupted. Only the server's own bundle is printed as
+PEM or SPIFFE JSON. A broken stream is reopened; an update already printed
+is not printed again.
 
 The bundle needs no credential; the server is still verified with
 --ca-bundle (or not at all with --insecure, for a first contact).`,
@@ -101,20 +107,21 @@ func (o *bundleOptions) run(cmd *cobra.Command) error {
 	}
 	ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	return watchBundle(ctx, client, cmd.ErrOrStderr(), time.Second, func(pb *meshcav1.TrustBundle) error {
-		return writeBundle(w, pb, o.format, o.output, true)
+	return watchBundle(ctx, client, cmd.ErrOrStderr(), time.Second, func(up *meshcav1.BundleUpdate) error {
+		return writeBundles(w, up.GetBundle(), up.GetFederatedBundles(), o.format, o.output, true)
 	})
 }
 
-// watchBundle calls show with each new bundle the server sends, until ctx
-// is done. A stream that breaks after it has delivered a bundle is
-// reopened after firstBackoff, doubling up to 30s while it keeps failing;
-// one that fails before is an error.
-func watchBundle(ctx context.Context, client meshcav1.BundleServiceClient, stderr io.Writer, firstBackoff time.Duration, show func(*meshcav1.TrustBundle) error) error {
+// watchBundle calls show with each new update the server sends (a new
+// bundle, or new federated bundles), until ctx is done. A stream that
+// breaks after it has delivered an update is reopened after firstBackoff,
+// doubling up to 30s while it keeps failing; one that fails before is an
+// error.
+func watchBundle(ctx context.Context, client meshcav1.BundleServiceClient, stderr io.Writer, firstBackoff time.Duration, show func(*meshcav1.BundleUpdate) error) error {
 	var (
 		received bool
 		retried  bool
-		lastSeq  uint64
+		last     *meshcav1.BundleUpdate
 		backoff  = firstBackoff
 	)
 	for {
@@ -124,21 +131,21 @@ func watchBundle(ctx context.Context, client meshcav1.BundleServiceClient, stder
 				return err
 			}
 			for {
-				pb, err := stream.Recv()
+				up, err := stream.Recv()
 				if err != nil {
 					return err
 				}
 				if retried {
-					fmt.Fprintf(stderr, "meshctl: watching the bundle again (sequence %d)\n", pb.GetSequence())
+					fmt.Fprintf(stderr, "meshctl: watching the bundle again (sequence %d)\n", up.GetBundle().GetSequence())
 					backoff, retried = firstBackoff, false
 				}
-				if received && pb.GetSequence() == lastSeq {
+				if received && sameUpdate(last, up) {
 					continue
 				}
-				if err := show(pb); err != nil {
+				if err := show(up); err != nil {
 					return err
 				}
-				received, lastSeq = true, pb.GetSequence()
+				received, last = true, up
 			}
 		}()
 		if ctx.Err() != nil {
@@ -161,6 +168,13 @@ func watchBundle(ctx context.Context, client meshcav1.BundleServiceClient, stder
 }
 
 var errStreamEnded = errors.New("the server ended the stream")
+
+// sameUpdate reports whether b holds what a held: the same bundle
+// sequence and the same federated bundles.
+func sameUpdate(a, b *meshcav1.BundleUpdate) bool {
+	return a.GetBundle().GetSequence() == b.GetBundle().GetSequence() &&
+		slices.EqualFunc(a.GetFederatedBundles(), b.GetFederatedBundles(), func(x, y *meshcav1.TrustBundle) bool { return proto.Equal(x, y) })
+}
 
 // retryableWatchError says whether a broken watch is worth reopening: the
 // server went away or restarted, not a refusal that would repeat.
@@ -185,6 +199,9 @@ type bundleInfo struct {
 	// RefreshHint is in seconds, as in a SPIFFE bundle.
 	RefreshHint int64      `json:"refreshHint"`
 	Roots       []rootInfo `json:"roots"`
+
+	// Federated are the federated trust domains' bundles, in a watch.
+	Federated []bundleInfo `json:"federated,omitempty"`
 }
 
 type rootInfo struct {
@@ -215,9 +232,22 @@ func summarizeBundle(pb *meshcav1.TrustBundle) (bundleInfo, error) {
 // json, its summary. In a watch every bundle is one JSON line, or is
 // preceded by a "# sequence" line.
 func writeBundle(w io.Writer, pb *meshcav1.TrustBundle, format, output string, watch bool) error {
+	return writeBundles(w, pb, nil, format, output, watch)
+}
+
+// writeBundles is writeBundle with the federated bundles of a watch
+// update, summarised in the JSON object or the "# sequence" line.
+func writeBundles(w io.Writer, pb *meshcav1.TrustBundle, federated []*meshcav1.TrustBundle, format, output string, watch bool) error {
 	info, err := summarizeBundle(pb)
 	if err != nil {
 		return err
+	}
+	for _, f := range federated {
+		fi, err := summarizeBundle(f)
+		if err != nil {
+			return fmt.Errorf("federated bundle of %q: %w", f.GetTrustDomain(), err)
+		}
+		info.Federated = append(info.Federated, fi)
 	}
 	if output == "json" {
 		enc := json.NewEncoder(w)
@@ -241,8 +271,20 @@ func writeBundle(w io.Writer, pb *meshcav1.TrustBundle, format, output string, w
 		body = pemutil.EncodeCertificates(certs...)
 	}
 	if watch {
-		if _, err := fmt.Fprintf(w, "# sequence %d, trust domain %s, %d root(s), received %s\n",
-			info.Sequence, info.TrustDomain, len(info.Roots), time.Now().UTC().Format(time.RFC3339)); err != nil {
+		var fed strings.Builder
+		for i, f := range info.Federated {
+			if i == 0 {
+				fed.WriteString("federated: ")
+			} else {
+				fed.WriteString("; ")
+			}
+			fmt.Fprintf(&fed, "%s (sequence %d, %d root(s))", f.TrustDomain, f.Sequence, len(f.Roots))
+		}
+		if fed.Len() > 0 {
+			fed.WriteString(", ")
+		}
+		if _, err := fmt.Fprintf(w, "# sequence %d, trust domain %s, %d root(s), %sreceived %s\n",
+			info.Sequence, info.TrustDomain, len(info.Roots), fed.String(), time.Now().UTC().Format(time.RFC3339)); err != nil {
 			return err
 		}
 	}

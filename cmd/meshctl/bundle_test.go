@@ -88,6 +88,30 @@ func TestWriteBundle(t *testing.T) {
 		var out bytes.Buffer
 		require.NoError(t, writeBundle(&out, pb, "pem", "json", true))
 		require.Equal(t, 1, strings.Count(out.String(), "\n"))
+		require.NotContains(t, out.String(), "federated")
+	})
+	peer := &meshcav1.TrustBundle{TrustDomain: "peer.example", Sequence: 4, X509Authorities: pb.GetX509Authorities()[:1]}
+	t.Run("watch pem with federated bundles", func(t *testing.T) {
+		var out bytes.Buffer
+		require.NoError(t, writeBundles(&out, pb, []*meshcav1.TrustBundle{peer}, "pem", "text", true))
+		header, body, ok := strings.Cut(out.String(), "\n")
+		require.True(t, ok)
+		require.True(t, strings.HasPrefix(header, "# sequence 7, trust domain meshca.test, 2 root(s), federated: peer.example (sequence 4, 1 root(s)), received "), header)
+		require.Equal(t, string(pemutil.EncodeCertificates(roots...)), body, "only the own bundle's roots")
+	})
+	t.Run("watch json with federated bundles", func(t *testing.T) {
+		var out bytes.Buffer
+		require.NoError(t, writeBundles(&out, pb, []*meshcav1.TrustBundle{peer}, "pem", "json", true))
+		var got bundleInfo
+		require.NoError(t, json.Unmarshal(out.Bytes(), &got))
+		require.Len(t, got.Federated, 1)
+		require.Equal(t, "peer.example", got.Federated[0].TrustDomain)
+		require.Equal(t, uint64(4), got.Federated[0].Sequence)
+		require.Equal(t, roots[0].SerialNumber.Text(16), got.Federated[0].Roots[0].Serial)
+	})
+	t.Run("bad federated bundle", func(t *testing.T) {
+		err := writeBundles(io.Discard, pb, []*meshcav1.TrustBundle{{TrustDomain: "peer.example"}}, "pem", "text", true)
+		require.EqualError(t, err, `federated bundle of "peer.example": the server's bundle: pemutil: no certificates`)
 	})
 }
 
@@ -140,11 +164,11 @@ type fakeBundleClient struct {
 }
 
 type fakeStream struct {
-	bundles []*meshcav1.TrustBundle
+	bundles []*meshcav1.BundleUpdate
 	err     error
 }
 
-func (f *fakeBundleClient) WatchBundle(ctx context.Context, _ *meshcav1.WatchBundleRequest, _ ...grpc.CallOption) (grpc.ServerStreamingClient[meshcav1.TrustBundle], error) {
+func (f *fakeBundleClient) WatchBundle(ctx context.Context, _ *meshcav1.WatchBundleRequest, _ ...grpc.CallOption) (grpc.ServerStreamingClient[meshcav1.BundleUpdate], error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if len(f.streams) == 0 {
@@ -161,7 +185,7 @@ type fakeWatchStream struct {
 	s   fakeStream
 }
 
-func (f *fakeWatchStream) Recv() (*meshcav1.TrustBundle, error) {
+func (f *fakeWatchStream) Recv() (*meshcav1.BundleUpdate, error) {
 	if len(f.s.bundles) > 0 {
 		b := f.s.bundles[0]
 		f.s.bundles = f.s.bundles[1:]
@@ -175,22 +199,27 @@ func (f *fakeWatchStream) Recv() (*meshcav1.TrustBundle, error) {
 }
 
 func TestWatchBundle(t *testing.T) {
-	b1 := &meshcav1.TrustBundle{Sequence: 1}
-	b2 := &meshcav1.TrustBundle{Sequence: 2}
-	b3 := &meshcav1.TrustBundle{Sequence: 3}
+	b1 := &meshcav1.BundleUpdate{Bundle: &meshcav1.TrustBundle{Sequence: 1}}
+	b2 := &meshcav1.BundleUpdate{Bundle: &meshcav1.TrustBundle{Sequence: 2}}
+	b3 := &meshcav1.BundleUpdate{Bundle: &meshcav1.TrustBundle{Sequence: 3}}
+	peer := &meshcav1.TrustBundle{TrustDomain: "peer.example", Sequence: 4}
+	peerRotated := &meshcav1.TrustBundle{TrustDomain: "peer.example", Sequence: 5}
+	// Updates of the federated bundles alone: the own bundle stays at 3.
+	f1 := &meshcav1.BundleUpdate{Bundle: b3.Bundle, FederatedBundles: []*meshcav1.TrustBundle{peer}}
+	f2 := &meshcav1.BundleUpdate{Bundle: b3.Bundle, FederatedBundles: []*meshcav1.TrustBundle{peerRotated}}
 	unavailable := status.Error(codes.Unavailable, "server restarting")
 
 	tests := []struct {
 		name     string
 		streams  []fakeStream
-		stopAt   uint64 // cancel once this sequence is shown
-		wantSeqs []uint64
+		stopAt   int      // cancel once this many updates are shown
+		wantSeqs []uint64 // the own bundle's sequence of each update shown
 		wantErr  string
 		wantLog  []string
 	}{
 		{
 			name:     "reopens a broken stream and skips what it showed",
-			streams:  []fakeStream{{bundles: []*meshcav1.TrustBundle{b1}, err: unavailable}, {bundles: []*meshcav1.TrustBundle{b1, b2}, err: io.EOF}, {bundles: []*meshcav1.TrustBundle{b2, b3}}},
+			streams:  []fakeStream{{bundles: []*meshcav1.BundleUpdate{b1}, err: unavailable}, {bundles: []*meshcav1.BundleUpdate{b1, b2}, err: io.EOF}, {bundles: []*meshcav1.BundleUpdate{b2, b3}}},
 			stopAt:   3,
 			wantSeqs: []uint64{1, 2, 3},
 			wantLog: []string{
@@ -202,9 +231,15 @@ func TestWatchBundle(t *testing.T) {
 		},
 		{
 			name:     "ends quietly when interrupted",
-			streams:  []fakeStream{{bundles: []*meshcav1.TrustBundle{b1}}},
+			streams:  []fakeStream{{bundles: []*meshcav1.BundleUpdate{b1}}},
 			stopAt:   1,
 			wantSeqs: []uint64{1},
+		},
+		{
+			name:     "shows federated changes, once each",
+			streams:  []fakeStream{{bundles: []*meshcav1.BundleUpdate{b3, f1, f1, f2, f2, b3}}},
+			stopAt:   4,
+			wantSeqs: []uint64{3, 3, 3, 3},
 		},
 		{
 			name:    "fails before the first bundle",
@@ -213,7 +248,7 @@ func TestWatchBundle(t *testing.T) {
 		},
 		{
 			name:     "fails on a refusal",
-			streams:  []fakeStream{{bundles: []*meshcav1.TrustBundle{b1}, err: status.Error(codes.PermissionDenied, "no")}},
+			streams:  []fakeStream{{bundles: []*meshcav1.BundleUpdate{b1}, err: status.Error(codes.PermissionDenied, "no")}},
 			wantSeqs: []uint64{1},
 			wantErr:  "watching the bundle: rpc error: code = PermissionDenied desc = no",
 		},
@@ -224,9 +259,9 @@ func TestWatchBundle(t *testing.T) {
 			defer cancel()
 			var seqs []uint64
 			var log bytes.Buffer
-			err := watchBundle(ctx, &fakeBundleClient{streams: tt.streams}, &log, time.Millisecond, func(pb *meshcav1.TrustBundle) error {
-				seqs = append(seqs, pb.GetSequence())
-				if pb.GetSequence() == tt.stopAt {
+			err := watchBundle(ctx, &fakeBundleClient{streams: tt.streams}, &log, time.Millisecond, func(up *meshcav1.BundleUpdate) error {
+				seqs = append(seqs, up.GetBundle().GetSequence())
+				if len(seqs) == tt.stopAt {
 					cancel()
 				}
 				return nil

@@ -1,5 +1,6 @@
 // Command meshctl is meshca's command line: get a certificate, inspect
-// one, print the trust bundle, and benchmark a server.
+// one, print the trust bundle, benchmark a server, rotate the root and
+// federate with other trust domains.
 package main
 
 import (
@@ -33,6 +34,7 @@ func newRootCommand(stdout, stderr io.Writer) *cobra.Command {
 		newBenchCommand(),
 		newRootRotationCommand(),
 		newIntermediateCommand(),
+		newFederationCommand(),
 	)
 	return root
 }

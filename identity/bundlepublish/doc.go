@@ -6,9 +6,16 @@
 // Each ConfigMap (DefaultConfigMapName unless configured) holds the bundle
 // as PEM (KeyPEM), as a SPIFFE bundle document with its sequence and
 // refresh hint (KeySPIFFE), and the sequence and trust domain on their own
-// (KeySequence, KeyTrustDomain). It is rewritten on every bundle change,
-// recreated when deleted, restored when edited, and created in every new
-// namespace. The rules:
+// (KeySequence, KeyTrustDomain). With Options.Federated (a
+// *federation.Federator), it also holds each federated trust domain's
+// bundle, as PEM under FederatedPEMKey ("federated.<td>.pem") and as the
+// peer's SPIFFE bundle document under FederatedSPIFFEKey
+// ("federated.<td>.spiffe.json"); a trust domain whose keys would be longer
+// than a ConfigMap key may be (253 bytes) is left out, with an error
+// logged. It is rewritten on every change of the bundle or the federated
+// bundles (a peer added, removed, or rotating its root), recreated when
+// deleted, restored when edited, and created in every new namespace. The
+// rules:
 //
 //   - A namespace labelled meshca.io/inject-bundle=false (OptOutLabel,
 //     OptOutValue) gets none, and the one published there before is
@@ -29,9 +36,10 @@
 // lost:
 //
 //	pub, err := bundlepublish.New(bundlepublish.Options{
-//		Client: clientset,
-//		Source: certificateAuthority, // *ca.CA
-//		Logger: logger,
+//		Client:    clientset,
+//		Source:    certificateAuthority, // *ca.CA
+//		Federated: federator,            // *federation.Federator, or nil
+//		Logger:    logger,
 //	})
 //	if err != nil { ... }
 //	// under leader election:

@@ -16,6 +16,7 @@ import (
 
 	"github.com/meshca/meshca/identity/bundlepublish"
 	"github.com/meshca/meshca/internal/kubetest"
+	"github.com/meshca/meshca/testca"
 )
 
 var kube kubetest.Shared
@@ -154,4 +155,40 @@ func requireUntouched(t *testing.T, client kubernetes.Interface, want *corev1.Co
 	require.NoError(t, err)
 	require.Equal(t, want.Data, got.Data)
 	require.Equal(t, want.Labels, got.Labels)
+}
+
+// TestFederatedAgainstAPIServer: against a real kube-apiserver, a peer's
+// bundle appears in the ConfigMaps when the trust domain is federated with,
+// and leaves them with its peer, as the publisher's service account with
+// publisherRules only.
+func TestFederatedAgainstAPIServer(t *testing.T) {
+	c := kube.Cluster(t)
+	admin := c.Client
+	const cmName = "meshca-trust-bundle-fed"
+	nsA := c.CreateNamespace(t, "bp-fed-a-").Name
+	nsB := c.CreateNamespace(t, "bp-fed-b-").Name
+	client := serviceAccountClient(t, c, cmName)
+	authority := newCA(t)
+	fed := newFederator(t)
+	reg := prometheus.NewRegistry()
+	startPublisher(t, bundlepublish.Options{Client: client, Source: authority, Federated: fed, ConfigMapName: cmName, Registerer: reg})
+	for _, ns := range []string{nsA, nsB} {
+		cm := waitForSequenceNamed(t, admin, ns, cmName, 1, apiWait)
+		require.Len(t, cm.Data, 4, "no federated bundle yet")
+	}
+
+	peerBundle := addPeer(t, fed, peerTD, testca.New(t, peerTD).Cert, 5)
+	for _, ns := range []string{nsA, nsB} {
+		cm := waitForKeyNamed(t, admin, ns, cmName, bundlepublish.FederatedSPIFFEKey(peerTD), true)
+		requireFederated(t, cm, peerBundle)
+		requireBundleKeys(t, cm, authority)
+	}
+
+	require.NoError(t, fed.RemovePeer(t.Context(), peerTD))
+	for _, ns := range []string{nsA, nsB} {
+		cm := waitForKeyNamed(t, admin, ns, cmName, bundlepublish.FederatedSPIFFEKey(peerTD), false)
+		require.Len(t, cm.Data, 4, "only the own bundle is left")
+		requireBundleKeys(t, cm, authority)
+	}
+	require.Zero(t, counter(t, reg, "error"), "the service account's permissions were not enough, or a write failed")
 }

@@ -1,7 +1,7 @@
 package bundlepublish
 
 import (
-	"strconv"
+	"maps"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/apimachinery/pkg/labels"
@@ -29,7 +29,7 @@ func newMetrics(reg prometheus.Registerer, p *Publisher) (*metrics, error) {
 }
 
 var namespacesDesc = prometheus.NewDesc("meshca_bundle_configmap_namespaces",
-	"Namespaces by the state of their trust bundle ConfigMap: current (holds the current bundle), "+
+	"Namespaces by the state of their trust bundle ConfigMap: current (holds the current bundle and federated bundles), "+
 		"pending (should and does not yet), opted_out. Reported by the replica that publishes only.",
 	[]string{"state"}, nil)
 
@@ -46,11 +46,10 @@ func (c namespaceCollector) Collect(ch chan<- prometheus.Metric) {
 	if r == nil {
 		return // not running: another replica publishes
 	}
-	b, seq, _ := c.p.src.WatchBundle()
-	if b == nil {
-		return
+	want, err := c.p.desired()
+	if err != nil {
+		return // nothing can be published
 	}
-	td, want := b.TrustDomain().Name(), strconv.FormatUint(seq, 10)
 	nss, err := r.namespaces.List(labels.Everything())
 	if err != nil {
 		return
@@ -65,7 +64,7 @@ func (c namespaceCollector) Collect(ch chan<- prometheus.Metric) {
 			continue
 		}
 		cm, err := r.configMaps.ConfigMaps(ns.Name).Get(c.p.name)
-		if err == nil && ours(cm) && cm.Data[KeyTrustDomain] == td && cm.Data[KeySequence] == want {
+		if err == nil && ours(cm) && maps.Equal(cm.Data, want.data) {
 			current++
 		} else {
 			pending++

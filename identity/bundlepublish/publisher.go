@@ -11,7 +11,9 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
@@ -60,13 +62,39 @@ const (
 
 	// KeyTrustDomain holds the bundle's trust domain name.
 	KeyTrustDomain = "trust-domain"
+
+	// FederatedKeyPrefix begins the keys of the federated trust domains'
+	// bundles (FederatedPEMKey, FederatedSPIFFEKey).
+	FederatedKeyPrefix = "federated."
 )
+
+// FederatedPEMKey returns the key holding federated trust domain td's
+// bundle as PEM CERTIFICATE blocks: "federated.<td>.pem".
+func FederatedPEMKey(td spiffeid.TrustDomain) string {
+	return FederatedKeyPrefix + td.Name() + ".pem"
+}
+
+// FederatedSPIFFEKey returns the key holding federated trust domain td's
+// bundle as the SPIFFE bundle document its bundle endpoint served (with
+// the peer's spiffe_sequence and spiffe_refresh_hint):
+// "federated.<td>.spiffe.json".
+func FederatedSPIFFEKey(td spiffeid.TrustDomain) string {
+	return FederatedKeyPrefix + td.Name() + ".spiffe.json"
+}
 
 // Source gives the trust bundle to publish. *ca.CA is a Source.
 type Source interface {
 	// WatchBundle returns the current bundle, its sequence, and a channel
 	// closed when the bundle next changes.
 	WatchBundle() (*x509bundle.Bundle, uint64, <-chan struct{})
+}
+
+// FederatedSource gives the bundles of the trust domains federated with
+// the Source's. *federation.Federator is one.
+type FederatedSource interface {
+	// Watch returns the current federated bundles and a channel closed
+	// when they next change.
+	Watch() ([]*spiffebundle.Bundle, <-chan struct{})
 }
 
 // Options configure a Publisher.
@@ -79,6 +107,12 @@ type Options struct {
 
 	// Source gives the bundle to publish. Required.
 	Source Source
+
+	// Federated, when set, gives the federated trust domains' bundles,
+	// published beside the Source's under FederatedPEMKey and
+	// FederatedSPIFFEKey, and removed with their trust domain. Nil
+	// publishes none.
+	Federated FederatedSource
 
 	// ConfigMapName names the ConfigMap in every namespace; empty means
 	// DefaultConfigMapName.
@@ -119,6 +153,7 @@ type Options struct {
 type Publisher struct {
 	client  kubernetes.Interface
 	src     Source
+	fed     FederatedSource // nil: none
 	name    string
 	hint    time.Duration
 	optOut  string
@@ -200,6 +235,7 @@ func New(opts Options) (*Publisher, error) {
 	p := &Publisher{
 		client:  opts.Client,
 		src:     opts.Source,
+		fed:     opts.Federated,
 		name:    opts.ConfigMapName,
 		hint:    opts.RefreshHint,
 		optOut:  opts.OptOutLabel,
@@ -261,9 +297,10 @@ func (p *Publisher) Run(ctx context.Context) error {
 		return fmt.Errorf("bundlepublish: watching configmaps: %w", err)
 	}
 
-	// Watch the bundle from before the caches fill, so that no change is
+	// Watch the bundles from before the caches fill, so that no change is
 	// missed between the initial listing and the watch.
 	_, seq, changed := p.src.WatchBundle()
+	fedChanged := p.watchFederated()
 	nsFactory.Start(ctx.Done())
 	cmFactory.Start(ctx.Done())
 	if !cache.WaitForCacheSync(ctx.Done(), nsInformer.Informer().HasSynced, cmInformer.Informer().HasSynced) {
@@ -286,7 +323,7 @@ func (p *Publisher) Run(ctx context.Context) error {
 			}
 		})
 	}
-	wg.Go(func() { p.watchBundle(ctx, r, changed) })
+	wg.Go(func() { p.watchBundle(ctx, r, changed, fedChanged) })
 
 	<-ctx.Done()
 	r.queue.ShutDown()
@@ -295,22 +332,35 @@ func (p *Publisher) Run(ctx context.Context) error {
 	return nil
 }
 
-// watchBundle enqueues every namespace on every bundle change.
-func (p *Publisher) watchBundle(ctx context.Context, r *run, changed <-chan struct{}) {
+// watchFederated returns the channel closed when the federated bundles
+// next change; nil, which never closes, when there are none.
+func (p *Publisher) watchFederated() <-chan struct{} {
+	if p.fed == nil {
+		return nil
+	}
+	_, changed := p.fed.Watch()
+	return changed
+}
+
+// watchBundle enqueues every namespace on every change of the bundle or
+// the federated bundles.
+func (p *Publisher) watchBundle(ctx context.Context, r *run, changed, fedChanged <-chan struct{}) {
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-changed:
+		case <-fedChanged:
 		}
 		var seq uint64
 		_, seq, changed = p.src.WatchBundle()
+		fedChanged = p.watchFederated()
 		nss, err := r.namespaces.List(labels.Everything())
 		if err != nil { // a cache lister does not fail
 			p.log.Error("listing namespaces from the cache", slog.Any("error", err))
 			continue
 		}
-		p.log.Info("trust bundle changed; updating every namespace",
+		p.log.Info("trust bundles changed; updating every namespace",
 			slog.Uint64("sequence", seq), slog.Int("namespaces", len(nss)))
 		for _, ns := range nss {
 			r.queue.Add(ns.Name)

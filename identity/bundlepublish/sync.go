@@ -6,13 +6,17 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/meshca/meshca/ca"
 )
@@ -162,29 +166,67 @@ func heldSequence(cm *corev1.ConfigMap, td string) (uint64, bool) {
 	return seq, err == nil
 }
 
-// content is a bundle encoded as a ConfigMap's data.
+// content is a bundle, and the federated bundles, encoded as a
+// ConfigMap's data.
 type content struct {
-	bundle *x509bundle.Bundle
-	seq    uint64
-	td     string
-	data   map[string]string // shared: never modified
+	bundle    *x509bundle.Bundle
+	seq       uint64
+	federated []*spiffebundle.Bundle
+	td        string
+	data      map[string]string // shared: never modified
 }
 
-// desired returns the Source's current bundle encoded, reusing the last
-// encoding while the bundle has not changed.
+// desired returns the Source's current bundle and the federated bundles
+// encoded, reusing the last encoding while none has changed.
 func (p *Publisher) desired() (*content, error) {
 	b, seq, _ := p.src.WatchBundle()
+	var federated []*spiffebundle.Bundle
+	if p.fed != nil {
+		federated, _ = p.fed.Watch()
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if c := p.content; c != nil && c.bundle == b && c.seq == seq {
+	if c := p.content; c != nil && c.bundle == b && c.seq == seq && slices.Equal(c.federated, federated) {
 		return c, nil
 	}
 	data, err := encode(b, seq, p.hint)
 	if err != nil {
 		return nil, err
 	}
-	p.content = &content{bundle: b, seq: seq, td: b.TrustDomain().Name(), data: data}
+	for _, fb := range federated {
+		if err := encodeFederated(data, fb); err != nil {
+			// One trust domain's bundle cannot be published; the others,
+			// and the own bundle, still are.
+			p.log.Error("not publishing a federated bundle", slog.String("trust_domain", fb.TrustDomain().Name()), slog.Any("error", err))
+		}
+	}
+	p.content = &content{bundle: b, seq: seq, federated: federated, td: b.TrustDomain().Name(), data: data}
 	return p.content, nil
+}
+
+// encodeFederated adds federated bundle b to data, under
+// FederatedPEMKey and FederatedSPIFFEKey.
+func encodeFederated(data map[string]string, b *spiffebundle.Bundle) error {
+	td := b.TrustDomain()
+	pemKey, docKey := FederatedPEMKey(td), FederatedSPIFFEKey(td)
+	for _, k := range []string{pemKey, docKey} {
+		if errs := validation.IsConfigMapKey(k); len(errs) > 0 {
+			return fmt.Errorf("bundlepublish: trust domain %q makes the configmap key %q, which is not valid: %s", td.Name(), k, strings.Join(errs, "; "))
+		}
+	}
+	if len(b.X509Authorities()) == 0 {
+		return fmt.Errorf("bundlepublish: the federated bundle of %q has no X.509 authorities", td.Name())
+	}
+	pem, err := b.X509Bundle().Marshal()
+	if err != nil {
+		return fmt.Errorf("bundlepublish: encoding the federated bundle of %q as PEM: %w", td.Name(), err)
+	}
+	doc, err := b.Marshal()
+	if err != nil {
+		return fmt.Errorf("bundlepublish: encoding the federated bundle of %q: %w", td.Name(), err)
+	}
+	data[pemKey], data[docKey] = string(pem), string(doc)
+	return nil
 }
 
 // encode returns the ConfigMap data for bundle b at sequence seq.

@@ -7,12 +7,14 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/identity/federation"
 	adminv1 "github.com/meshca/meshca/proto/meshca/admin/v1"
 	"github.com/meshca/meshca/rotation"
 )
@@ -39,7 +41,27 @@ type AdminOptions struct {
 	// when it does not: only the leader runs steps, so that two replicas
 	// never rotate at once. Nil means this replica always leads.
 	Leader func() (leading bool, leader string)
+
+	// Federator runs the federation commands (add, remove, list, show,
+	// refresh); nil refuses them with FailedPrecondition.
+	Federator *federation.Federator
+
+	// ConfigPeers are the trust domains of the peers the server's config
+	// file defines: add and remove refuse them (the file is changed
+	// instead), and show marks them.
+	ConfigPeers []spiffeid.TrustDomain
+
+	// FixedPeers, when not empty, says why peers are not added or removed
+	// at run time, and every add and remove is refused with it
+	// (FailedPrecondition): in Kubernetes mode, peers come from the config,
+	// the same on every replica.
+	FixedPeers string
 }
+
+// maxAdminRequestBytes bounds an admin request: a federation add carries a
+// bootstrap bundle and Web PKI roots, a few KiB; every other request is
+// tiny.
+const maxAdminRequestBytes = 256 << 10
 
 // NewAdminServer returns a gRPC server with the admin service, to serve on
 // a Unix socket whose permissions admit only operators. It has no
@@ -49,7 +71,7 @@ func NewAdminServer(opts AdminOptions) *grpc.Server {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	g := grpc.NewServer(grpc.MaxRecvMsgSize(4 << 10))
+	g := grpc.NewServer(grpc.MaxRecvMsgSize(maxAdminRequestBytes))
 	adminv1.RegisterAdminServiceServer(g, &adminService{opts: opts, audit: opts.Logger.With(slog.Bool("audit", true), slog.String("api", "admin"))})
 	return g
 }

@@ -39,11 +39,13 @@ func (c *certificateService) Sign(ctx context.Context, req *meshcav1.SignRequest
 	for i, cert := range issued.Chain {
 		chain[i] = cert.Raw
 	}
+	federated, _ := c.s.fedCache.get()
 	return &meshcav1.SignResponse{
-		CertChain: chain,
-		Bundle:    c.s.bundleProto(),
-		ExpiresAt: timestamppb.New(issued.Cert.NotAfter),
-		SpiffeId:  issued.Cert.URIs[0].String(),
+		CertChain:        chain,
+		Bundle:           c.s.bundleProto(),
+		FederatedBundles: federated,
+		ExpiresAt:        timestamppb.New(issued.Cert.NotAfter),
+		SpiffeId:         issued.Cert.URIs[0].String(),
 	}, nil
 }
 
@@ -56,15 +58,21 @@ func (b *bundleService) GetBundle(context.Context, *meshcav1.GetBundleRequest) (
 	return b.s.bundleProto(), nil
 }
 
+// WatchBundle sends the own and the federated bundles at once, then again
+// whenever either changes.
 func (b *bundleService) WatchBundle(_ *meshcav1.WatchBundleRequest, stream meshcav1.BundleService_WatchBundleServer) error {
 	ctx := stream.Context()
 	for {
+		// The channels are taken before the bundles are read, so that no
+		// change between the two is missed.
 		_, _, changed := b.s.ca.WatchBundle()
-		if err := stream.Send(b.s.bundleProto()); err != nil {
+		federated, fedChanged := b.s.fedCache.get()
+		if err := stream.Send(&meshcav1.BundleUpdate{Bundle: b.s.bundleProto(), FederatedBundles: federated}); err != nil {
 			return err
 		}
 		select {
 		case <-changed:
+		case <-fedChanged:
 		case <-ctx.Done():
 			return status.FromContextError(ctx.Err()).Err()
 		case <-b.s.stopping:

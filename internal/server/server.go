@@ -75,6 +75,11 @@ type Options struct {
 	// holding on every certificate issued (rotation.Tracker).
 	Observer Observer
 
+	// Federated, when set, gives the bundles of federated trust domains,
+	// sent in every Sign response and on the bundle stream
+	// (*federation.Federator). Nil sends none.
+	Federated FederatedBundles
+
 	// Istio configures Istio's CA API, istio.v1.auth.IstioCertificateService.
 	// The zero value leaves it off.
 	Istio IstioOptions
@@ -100,6 +105,7 @@ type Server struct {
 	hint     time.Duration
 	maxBytes int
 	bundles  bundleCache
+	fedCache federatedCache
 	health   *health.Server
 	observer Observer
 	istio    IstioOptions
@@ -156,6 +162,7 @@ func New(opts Options) (*Server, error) {
 		health:   health.NewServer(),
 		stopping: make(chan struct{}),
 		observer: opts.Observer,
+		fedCache: federatedCache{src: opts.Federated},
 		istio:    istio,
 		linkerd:  linkerd,
 	}, nil

@@ -470,8 +470,10 @@ func TestWatchBundleStreamsChanges(t *testing.T) {
 
 	stream, err := client.WatchBundle(ctx, &meshcav1.WatchBundleRequest{})
 	require.NoError(t, err)
-	first, err := stream.Recv()
+	up, err := stream.Recv()
 	require.NoError(t, err)
+	require.Empty(t, up.FederatedBundles, "no federation")
+	first := up.Bundle
 	require.Equal(t, uint64(1), first.Sequence)
 	require.Len(t, first.X509Authorities, 1)
 
@@ -483,8 +485,9 @@ func TestWatchBundleStreamsChanges(t *testing.T) {
 	next.Sequence = 2
 	require.NoError(t, h.ca.SetAuthorities(&next))
 
-	second, err := stream.Recv()
+	up, err = stream.Recv()
 	require.NoError(t, err)
+	second := up.Bundle
 	require.Equal(t, uint64(2), second.Sequence)
 	require.Len(t, second.X509Authorities, 2)
 	require.Equal(t, newRoot.Cert.Raw, second.X509Authorities[1])

@@ -100,7 +100,10 @@ type SignResponse struct {
 	CertChain [][]byte `protobuf:"bytes,1,rep,name=cert_chain,json=certChain,proto3" json:"cert_chain,omitempty"`
 	// The trust bundle of the server's own trust domain.
 	Bundle *TrustBundle `protobuf:"bytes,2,opt,name=bundle,proto3" json:"bundle,omitempty"`
-	// The bundles of federated trust domains.
+	// The bundles of the trust domains federated with the server's, sorted
+	// by trust domain: every one of them in every response, so that a trust
+	// domain missing is no longer federated. Each carries the peer's
+	// spiffe_sequence and spiffe_refresh_hint when its bundle has them.
 	FederatedBundles []*TrustBundle `protobuf:"bytes,3,rep,name=federated_bundles,json=federatedBundles,proto3" json:"federated_bundles,omitempty"`
 	// The issued certificate's NotAfter.
 	ExpiresAt *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
@@ -247,6 +250,62 @@ func (*WatchBundleRequest) Descriptor() ([]byte, []int) {
 	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{3}
 }
 
+// BundleUpdate is the state of every bundle at one moment of a watch.
+type BundleUpdate struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The trust bundle of the server's own trust domain.
+	Bundle *TrustBundle `protobuf:"bytes,1,opt,name=bundle,proto3" json:"bundle,omitempty"`
+	// The bundles of the trust domains federated with the server's, as in
+	// SignResponse.federated_bundles: all of them, sorted by trust domain.
+	FederatedBundles []*TrustBundle `protobuf:"bytes,2,rep,name=federated_bundles,json=federatedBundles,proto3" json:"federated_bundles,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *BundleUpdate) Reset() {
+	*x = BundleUpdate{}
+	mi := &file_meshca_v1_meshca_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BundleUpdate) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BundleUpdate) ProtoMessage() {}
+
+func (x *BundleUpdate) ProtoReflect() protoreflect.Message {
+	mi := &file_meshca_v1_meshca_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BundleUpdate.ProtoReflect.Descriptor instead.
+func (*BundleUpdate) Descriptor() ([]byte, []int) {
+	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *BundleUpdate) GetBundle() *TrustBundle {
+	if x != nil {
+		return x.Bundle
+	}
+	return nil
+}
+
+func (x *BundleUpdate) GetFederatedBundles() []*TrustBundle {
+	if x != nil {
+		return x.FederatedBundles
+	}
+	return nil
+}
+
 // TrustBundle is the set of X.509 roots of one trust domain.
 type TrustBundle struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -254,12 +313,14 @@ type TrustBundle struct {
 	TrustDomain string `protobuf:"bytes,1,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
 	// Root certificates, DER.
 	X509Authorities [][]byte `protobuf:"bytes,2,rep,name=x509_authorities,json=x509Authorities,proto3" json:"x509_authorities,omitempty"`
-	// Increases with every change of the bundle.
+	// Increases with every change of the bundle. For a federated bundle, the
+	// peer's spiffe_sequence; 0 when its bundle has none.
 	Sequence uint64 `protobuf:"varint,3,opt,name=sequence,proto3" json:"sequence,omitempty"`
-	// How often a consumer should check for a new bundle.
+	// How often a consumer should check for a new bundle. For a federated
+	// bundle, the peer's spiffe_refresh_hint; unset when its bundle has none.
 	RefreshHint *durationpb.Duration `protobuf:"bytes,4,opt,name=refresh_hint,json=refreshHint,proto3" json:"refresh_hint,omitempty"`
 	// The bundle in the SPIFFE trust bundle format (a JWK Set), as served on
-	// the federation endpoint.
+	// the federation endpoint (for a federated bundle, the peer's).
 	SpiffeJson    []byte `protobuf:"bytes,5,opt,name=spiffe_json,json=spiffeJson,proto3" json:"spiffe_json,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -267,7 +328,7 @@ type TrustBundle struct {
 
 func (x *TrustBundle) Reset() {
 	*x = TrustBundle{}
-	mi := &file_meshca_v1_meshca_proto_msgTypes[4]
+	mi := &file_meshca_v1_meshca_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -279,7 +340,7 @@ func (x *TrustBundle) String() string {
 func (*TrustBundle) ProtoMessage() {}
 
 func (x *TrustBundle) ProtoReflect() protoreflect.Message {
-	mi := &file_meshca_v1_meshca_proto_msgTypes[4]
+	mi := &file_meshca_v1_meshca_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -292,7 +353,7 @@ func (x *TrustBundle) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TrustBundle.ProtoReflect.Descriptor instead.
 func (*TrustBundle) Descriptor() ([]byte, []int) {
-	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{4}
+	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *TrustBundle) GetTrustDomain() string {
@@ -348,7 +409,10 @@ const file_meshca_v1_meshca_proto_rawDesc = "" +
 	"expires_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x1b\n" +
 	"\tspiffe_id\x18\x05 \x01(\tR\bspiffeId\"\x12\n" +
 	"\x10GetBundleRequest\"\x14\n" +
-	"\x12WatchBundleRequest\"\xd6\x01\n" +
+	"\x12WatchBundleRequest\"\x83\x01\n" +
+	"\fBundleUpdate\x12.\n" +
+	"\x06bundle\x18\x01 \x01(\v2\x16.meshca.v1.TrustBundleR\x06bundle\x12C\n" +
+	"\x11federated_bundles\x18\x02 \x03(\v2\x16.meshca.v1.TrustBundleR\x10federatedBundles\"\xd6\x01\n" +
 	"\vTrustBundle\x12!\n" +
 	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x12)\n" +
 	"\x10x509_authorities\x18\x02 \x03(\fR\x0fx509Authorities\x12\x1a\n" +
@@ -357,10 +421,10 @@ const file_meshca_v1_meshca_proto_rawDesc = "" +
 	"\vspiffe_json\x18\x05 \x01(\fR\n" +
 	"spiffeJson2M\n" +
 	"\x12CertificateService\x127\n" +
-	"\x04Sign\x12\x16.meshca.v1.SignRequest\x1a\x17.meshca.v1.SignResponse2\x99\x01\n" +
+	"\x04Sign\x12\x16.meshca.v1.SignRequest\x1a\x17.meshca.v1.SignResponse2\x9a\x01\n" +
 	"\rBundleService\x12@\n" +
-	"\tGetBundle\x12\x1b.meshca.v1.GetBundleRequest\x1a\x16.meshca.v1.TrustBundle\x12F\n" +
-	"\vWatchBundle\x12\x1d.meshca.v1.WatchBundleRequest\x1a\x16.meshca.v1.TrustBundle0\x01B3Z1github.com/meshca/meshca/proto/meshca/v1;meshcav1b\x06proto3"
+	"\tGetBundle\x12\x1b.meshca.v1.GetBundleRequest\x1a\x16.meshca.v1.TrustBundle\x12G\n" +
+	"\vWatchBundle\x12\x1d.meshca.v1.WatchBundleRequest\x1a\x17.meshca.v1.BundleUpdate0\x01B3Z1github.com/meshca/meshca/proto/meshca/v1;meshcav1b\x06proto3"
 
 var (
 	file_meshca_v1_meshca_proto_rawDescOnce sync.Once
@@ -374,33 +438,36 @@ func file_meshca_v1_meshca_proto_rawDescGZIP() []byte {
 	return file_meshca_v1_meshca_proto_rawDescData
 }
 
-var file_meshca_v1_meshca_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_meshca_v1_meshca_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_meshca_v1_meshca_proto_goTypes = []any{
 	(*SignRequest)(nil),           // 0: meshca.v1.SignRequest
 	(*SignResponse)(nil),          // 1: meshca.v1.SignResponse
 	(*GetBundleRequest)(nil),      // 2: meshca.v1.GetBundleRequest
 	(*WatchBundleRequest)(nil),    // 3: meshca.v1.WatchBundleRequest
-	(*TrustBundle)(nil),           // 4: meshca.v1.TrustBundle
-	(*durationpb.Duration)(nil),   // 5: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 6: google.protobuf.Timestamp
+	(*BundleUpdate)(nil),          // 4: meshca.v1.BundleUpdate
+	(*TrustBundle)(nil),           // 5: meshca.v1.TrustBundle
+	(*durationpb.Duration)(nil),   // 6: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 7: google.protobuf.Timestamp
 }
 var file_meshca_v1_meshca_proto_depIdxs = []int32{
-	5, // 0: meshca.v1.SignRequest.ttl:type_name -> google.protobuf.Duration
-	4, // 1: meshca.v1.SignResponse.bundle:type_name -> meshca.v1.TrustBundle
-	4, // 2: meshca.v1.SignResponse.federated_bundles:type_name -> meshca.v1.TrustBundle
-	6, // 3: meshca.v1.SignResponse.expires_at:type_name -> google.protobuf.Timestamp
-	5, // 4: meshca.v1.TrustBundle.refresh_hint:type_name -> google.protobuf.Duration
-	0, // 5: meshca.v1.CertificateService.Sign:input_type -> meshca.v1.SignRequest
-	2, // 6: meshca.v1.BundleService.GetBundle:input_type -> meshca.v1.GetBundleRequest
-	3, // 7: meshca.v1.BundleService.WatchBundle:input_type -> meshca.v1.WatchBundleRequest
-	1, // 8: meshca.v1.CertificateService.Sign:output_type -> meshca.v1.SignResponse
-	4, // 9: meshca.v1.BundleService.GetBundle:output_type -> meshca.v1.TrustBundle
-	4, // 10: meshca.v1.BundleService.WatchBundle:output_type -> meshca.v1.TrustBundle
-	8, // [8:11] is the sub-list for method output_type
-	5, // [5:8] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	6,  // 0: meshca.v1.SignRequest.ttl:type_name -> google.protobuf.Duration
+	5,  // 1: meshca.v1.SignResponse.bundle:type_name -> meshca.v1.TrustBundle
+	5,  // 2: meshca.v1.SignResponse.federated_bundles:type_name -> meshca.v1.TrustBundle
+	7,  // 3: meshca.v1.SignResponse.expires_at:type_name -> google.protobuf.Timestamp
+	5,  // 4: meshca.v1.BundleUpdate.bundle:type_name -> meshca.v1.TrustBundle
+	5,  // 5: meshca.v1.BundleUpdate.federated_bundles:type_name -> meshca.v1.TrustBundle
+	6,  // 6: meshca.v1.TrustBundle.refresh_hint:type_name -> google.protobuf.Duration
+	0,  // 7: meshca.v1.CertificateService.Sign:input_type -> meshca.v1.SignRequest
+	2,  // 8: meshca.v1.BundleService.GetBundle:input_type -> meshca.v1.GetBundleRequest
+	3,  // 9: meshca.v1.BundleService.WatchBundle:input_type -> meshca.v1.WatchBundleRequest
+	1,  // 10: meshca.v1.CertificateService.Sign:output_type -> meshca.v1.SignResponse
+	5,  // 11: meshca.v1.BundleService.GetBundle:output_type -> meshca.v1.TrustBundle
+	4,  // 12: meshca.v1.BundleService.WatchBundle:output_type -> meshca.v1.BundleUpdate
+	10, // [10:13] is the sub-list for method output_type
+	7,  // [7:10] is the sub-list for method input_type
+	7,  // [7:7] is the sub-list for extension type_name
+	7,  // [7:7] is the sub-list for extension extendee
+	0,  // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_meshca_v1_meshca_proto_init() }
@@ -414,7 +481,7 @@ func file_meshca_v1_meshca_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshca_v1_meshca_proto_rawDesc), len(file_meshca_v1_meshca_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   5,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -168,9 +168,10 @@ const (
 type BundleServiceClient interface {
 	// GetBundle returns the current trust bundle.
 	GetBundle(ctx context.Context, in *GetBundleRequest, opts ...grpc.CallOption) (*TrustBundle, error)
-	// WatchBundle sends the current bundle at once, then every new one as it
-	// changes, until the caller cancels.
-	WatchBundle(ctx context.Context, in *WatchBundleRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[TrustBundle], error)
+	// WatchBundle sends the current bundles at once, then again each time
+	// the server's own bundle or a federated one changes, until the caller
+	// cancels. It ends with UNAVAILABLE when the server shuts down: reconnect.
+	WatchBundle(ctx context.Context, in *WatchBundleRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[BundleUpdate], error)
 }
 
 type bundleServiceClient struct {
@@ -191,13 +192,13 @@ func (c *bundleServiceClient) GetBundle(ctx context.Context, in *GetBundleReques
 	return out, nil
 }
 
-func (c *bundleServiceClient) WatchBundle(ctx context.Context, in *WatchBundleRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[TrustBundle], error) {
+func (c *bundleServiceClient) WatchBundle(ctx context.Context, in *WatchBundleRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[BundleUpdate], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	stream, err := c.cc.NewStream(ctx, &BundleService_ServiceDesc.Streams[0], BundleService_WatchBundle_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
-	x := &grpc.GenericClientStream[WatchBundleRequest, TrustBundle]{ClientStream: stream}
+	x := &grpc.GenericClientStream[WatchBundleRequest, BundleUpdate]{ClientStream: stream}
 	if err := x.ClientStream.SendMsg(in); err != nil {
 		return nil, err
 	}
@@ -208,7 +209,7 @@ func (c *bundleServiceClient) WatchBundle(ctx context.Context, in *WatchBundleRe
 }
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type BundleService_WatchBundleClient = grpc.ServerStreamingClient[TrustBundle]
+type BundleService_WatchBundleClient = grpc.ServerStreamingClient[BundleUpdate]
 
 // BundleServiceServer is the server API for BundleService service.
 // All implementations must embed UnimplementedBundleServiceServer
@@ -219,9 +220,10 @@ type BundleService_WatchBundleClient = grpc.ServerStreamingClient[TrustBundle]
 type BundleServiceServer interface {
 	// GetBundle returns the current trust bundle.
 	GetBundle(context.Context, *GetBundleRequest) (*TrustBundle, error)
-	// WatchBundle sends the current bundle at once, then every new one as it
-	// changes, until the caller cancels.
-	WatchBundle(*WatchBundleRequest, grpc.ServerStreamingServer[TrustBundle]) error
+	// WatchBundle sends the current bundles at once, then again each time
+	// the server's own bundle or a federated one changes, until the caller
+	// cancels. It ends with UNAVAILABLE when the server shuts down: reconnect.
+	WatchBundle(*WatchBundleRequest, grpc.ServerStreamingServer[BundleUpdate]) error
 	mustEmbedUnimplementedBundleServiceServer()
 }
 
@@ -235,7 +237,7 @@ type UnimplementedBundleServiceServer struct{}
 func (UnimplementedBundleServiceServer) GetBundle(context.Context, *GetBundleRequest) (*TrustBundle, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetBundle not implemented")
 }
-func (UnimplementedBundleServiceServer) WatchBundle(*WatchBundleRequest, grpc.ServerStreamingServer[TrustBundle]) error {
+func (UnimplementedBundleServiceServer) WatchBundle(*WatchBundleRequest, grpc.ServerStreamingServer[BundleUpdate]) error {
 	return status.Error(codes.Unimplemented, "method WatchBundle not implemented")
 }
 func (UnimplementedBundleServiceServer) mustEmbedUnimplementedBundleServiceServer() {}
@@ -282,11 +284,11 @@ func _BundleService_WatchBundle_Handler(srv interface{}, stream grpc.ServerStrea
 	if err := stream.RecvMsg(m); err != nil {
 		return err
 	}
-	return srv.(BundleServiceServer).WatchBundle(m, &grpc.GenericServerStream[WatchBundleRequest, TrustBundle]{ServerStream: stream})
+	return srv.(BundleServiceServer).WatchBundle(m, &grpc.GenericServerStream[WatchBundleRequest, BundleUpdate]{ServerStream: stream})
 }
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type BundleService_WatchBundleServer = grpc.ServerStreamingServer[TrustBundle]
+type BundleService_WatchBundleServer = grpc.ServerStreamingServer[BundleUpdate]
 
 // BundleService_ServiceDesc is the grpc.ServiceDesc for BundleService service.
 // It's only intended for direct use with grpc.RegisterService,
