@@ -31,8 +31,14 @@ build:
 ## test: generated code and manifests are fresh, vet is clean, every test
 ## passes with -race (against a real kube-apiserver and etcd).
 .PHONY: test
-test: tools generate-check manifests-check vet
+test: tools generate-check manifests-check vet test-istio
 	$(GO) test -race -count=1 ./...
+
+## test-istio: Istio's own CA client against meshca-server (tests/istio, a
+## module of its own, so that the main module never depends on istio.io/istio).
+.PHONY: test-istio
+test-istio:
+	bash scripts/test-istio.sh
 
 .PHONY: vet
 vet:
