@@ -6,6 +6,9 @@ export PATH := $(TOOLS):$(PATH)
 # kube-apiserver and etcd for the integration tests (scripts/kube.sh).
 MESHCA_KUBE_ASSETS ?= $(HOME)/.cache/meshca/kube
 export MESHCA_KUBE_ASSETS
+# vault for the integration tests (scripts/vault.sh).
+MESHCA_VAULT_ASSETS ?= $(HOME)/.cache/meshca/vault
+export MESHCA_VAULT_ASSETS
 
 GO       ?= go
 PROTOS   := $(shell find proto -name '*.proto')
@@ -29,9 +32,10 @@ build:
 	$(GO) build -o bin/ ./cmd/...
 
 ## test: generated code and manifests are fresh, vet is clean, every test
-## passes with -race (against a real kube-apiserver and etcd).
+## passes with -race (against a real kube-apiserver and etcd, and a real
+## Vault dev server).
 .PHONY: test
-test: tools generate-check manifests-check vet test-istio
+test: tools vault generate-check manifests-check vet test-istio
 	$(GO) test -race -count=1 ./...
 
 ## test-istio: Istio's own CA client against meshca-server (tests/istio, a
@@ -95,6 +99,12 @@ fuzz:
 	    $(GO) test $$pkg -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) || exit 1; \
 	  done; \
 	done
+
+## vault: build the Vault server that internal/vaulttest starts on loopback
+## (scripts/vault.sh: cached in $(MESHCA_VAULT_ASSETS); 10 to 25 minutes cold).
+.PHONY: vault
+vault:
+	@bash scripts/vault.sh >/dev/null
 
 .PHONY: clean
 clean:

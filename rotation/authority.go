@@ -7,10 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"slices"
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/utils/clock"
 
 	"github.com/meshca/meshca/ca"
@@ -28,6 +30,10 @@ const (
 	StepPrepareIntermediate  Step = "prepare-intermediate"
 	StepActivateIntermediate Step = "activate-intermediate"
 	StepPruneIntermediates   Step = "prune-intermediates"
+
+	// StepUpstreamRoots: the bundle follows the upstream's roots (one
+	// added or removed there, or a state changed here).
+	StepUpstreamRoots Step = "upstream-roots"
 )
 
 // RefusedError is an operation refused because it is not safe yet. Force
@@ -84,6 +90,23 @@ type ManagerOptions struct {
 	// AfterSave, when set, is called after each step's state is saved and
 	// before it takes effect. Crash tests kill the process there.
 	AfterSave func(Step)
+
+	// Upstream, when set, holds the trust domain's roots (Vault's PKI
+	// engine, ca/vaultca): successor intermediates are signed by it
+	// instead of a local root, the bundle follows its roots at every
+	// check, and the operator's root steps are refused, since roots are
+	// rotated in the upstream. ca.LoadOrCreateUpstream gets the first
+	// intermediate.
+	Upstream ca.Upstream
+
+	// UpstreamBackoff paces Run's retries after the upstream failed; no
+	// wait is longer than the check interval. Zero fields take Backoff's
+	// defaults.
+	UpstreamBackoff Backoff
+
+	// Registerer, when set with Upstream, receives the upstream's metrics
+	// (meshca_upstream_*), read from UpstreamStatus.
+	Registerer prometheus.Registerer
 }
 
 // Manager rotates a CA's authorities: intermediates on their own before
@@ -96,6 +119,8 @@ type Manager struct {
 
 	mu     sync.Mutex // serialises steps
 	warned string     // issuer serial warnNoSuccessor last warned about
+
+	upstream *upstreamState // nil without ManagerOptions.Upstream
 }
 
 // OpOptions modify an operator's step.
@@ -135,12 +160,28 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Manager{opts: opts, log: opts.Logger, clock: opts.Clock}, nil
+	m := &Manager{opts: opts, log: opts.Logger, clock: opts.Clock}
+	if opts.Upstream != nil {
+		var err error
+		if m.opts.UpstreamBackoff, err = opts.UpstreamBackoff.complete(); err != nil {
+			return nil, fmt.Errorf("rotation: ManagerOptions.UpstreamBackoff: %w", err)
+		}
+		m.upstream = newUpstreamState(opts.Upstream)
+		if opts.Registerer != nil {
+			if err := m.registerUpstreamMetrics(opts.Registerer); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return m, nil
 }
 
 // Run checks the intermediate at start and then every CheckInterval until
-// ctx is done, preparing, activating and pruning intermediates when due.
-// A failed check is logged and tried again at the next tick.
+// ctx is done, preparing, activating and pruning intermediates when due
+// (and, with an Upstream, following its roots). A failed check is logged
+// and tried again at the next tick; one that failed because the upstream
+// did is retried sooner, with UpstreamBackoff, while the CA goes on
+// signing with its current intermediate.
 func (m *Manager) Run(ctx context.Context) error {
 	interval := m.opts.CheckInterval
 	if interval <= 0 {
@@ -151,14 +192,47 @@ func (m *Manager) Run(ctx context.Context) error {
 	}
 	t := m.clock.NewTicker(interval)
 	defer t.Stop()
+	var retry clock.Timer
+	defer func() {
+		if retry != nil {
+			retry.Stop()
+		}
+	}()
 	for {
-		if err := m.RotateIntermediates(ctx); err != nil && ctx.Err() == nil {
+		err := m.RotateIntermediates(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		wait, retrying := interval, false
+		if m.upstream != nil {
+			if failures := m.upstream.failures(); failures > 0 {
+				wait = min(m.opts.UpstreamBackoff.delay(failures, rand.Float64()), interval)
+				retrying = true
+			}
+			m.upstream.setNextAttempt(m.clock.Now().Add(wait))
+		}
+		switch {
+		case err != nil && retrying:
+			iss := m.opts.CA.Authorities().Issuer.Cert
+			m.log.Warn("the upstream authority failed; signing goes on with the current intermediate; will retry",
+				"upstream", m.upstream.name, "error", err, "retry_in", wait.String(), "issuer_not_after", iss.NotAfter.UTC())
+		case err != nil:
 			m.log.Error("intermediate rotation failed; will retry", "error", err, "retry_in", interval.String())
+		}
+		var retryC <-chan time.Time
+		if retrying {
+			retry = m.clock.NewTimer(wait)
+			retryC = retry.C()
 		}
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-t.C():
+		case <-retryC:
+		}
+		if retry != nil {
+			retry.Stop()
+			retry = nil
 		}
 	}
 }
@@ -184,25 +258,56 @@ func (m *Manager) activateAt(iss *ca.Authority) time.Time {
 
 // RotateIntermediates makes whichever intermediate steps are due: prepare
 // a successor, let it take over, forget retired issuers whose leaves have
-// all expired. The bundle never changes.
+// all expired. The bundle does not change, but with an Upstream, whose
+// roots it follows first.
+//
+// With an Upstream that cannot be reached, the steps that need it wait
+// (the error says so, wrapping ca.ErrUpstreamUnavailable) and the others
+// are made: a successor prepared earlier still takes over.
 func (m *Manager) RotateIntermediates(ctx context.Context) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	now := m.clock.Now()
 	set := m.opts.CA.Authorities()
 
+	var roots []*x509.Certificate
+	var upErr error
+	if m.upstream != nil {
+		var err error
+		if set, roots, upErr, err = m.followUpstreamRoots(ctx, set, now); err != nil {
+			return err
+		}
+	}
+
 	switch due := !now.Before(m.activateAt(&set.Issuer)); {
 	case due || (set.NextIssuer == nil && !now.Before(m.prepareAt(&set.Issuer))):
 		next := set.NextIssuer
 		if next == nil {
+			if upErr != nil {
+				break // no successor until the upstream answers
+			}
 			// Prepare one; when the activation is due already (a check ran
 			// late), it takes over at once.
-			made, ok, err := m.successor(set)
+			made, root, ok, err := m.successor(ctx, set, roots)
 			if err != nil {
 				return err
 			}
 			if !ok {
 				m.warnNoSuccessor(set)
+				break
+			}
+			if active, _ := set.ActiveRoot(); !bytes.Equal(root.Raw, active.Cert.Raw) {
+				// The upstream signs under another root now (its default
+				// issuer changed): that root becomes active with the new
+				// intermediate, at once.
+				n, err := m.underNewRoot(set, made, root, roots, now)
+				if err != nil {
+					return err
+				}
+				if err := m.commit(ctx, StepActivateRoot, n); err != nil {
+					return err
+				}
+				set = n
 				break
 			}
 			next = &made
@@ -228,9 +333,11 @@ func (m *Manager) RotateIntermediates(ctx context.Context) error {
 	if kept := liveIssuers(set.RetiringIssuers, now); len(kept) != len(set.RetiringIssuers) {
 		n := set.Clone()
 		n.RetiringIssuers = kept
-		return m.commit(ctx, StepPruneIntermediates, n)
+		if err := m.commit(ctx, StepPruneIntermediates, n); err != nil {
+			return err
+		}
 	}
-	return nil
+	return upErr
 }
 
 // warnNoSuccessor says, once per issuer, that the issuer cannot be
@@ -242,21 +349,31 @@ func (m *Manager) warnNoSuccessor(set *ca.AuthoritySet) {
 	}
 	m.warned = serialNo
 	root, _ := set.ActiveRoot()
+	if m.upstream != nil {
+		m.log.Warn("the intermediate cannot be rotated: no root of the upstream authority outlives it; add a root there and make it the default issuer",
+			"upstream", m.upstream.name, "issuer_serial", serialNo, "issuer_not_after", set.Issuer.Cert.NotAfter)
+		return
+	}
 	m.log.Warn("the intermediate cannot be rotated: the active root's key is not held here, or the root ends before a successor could outlive the issuer; rotate the root",
 		"issuer_serial", serialNo, "issuer_not_after", set.Issuer.Cert.NotAfter, "root_not_after", root.Cert.NotAfter)
 }
 
-// successor makes an intermediate to follow the issuer, under the active
-// root; false when that root's key is not held, or the root would end the
-// successor no later than the issuer (a root rotation is due, not an
+// successor makes an intermediate to follow the issuer and returns it
+// with the root that signed it: the active root, or with an Upstream,
+// whichever root the upstream signs with (roots are the upstream's). It
+// returns false when that root's key is not held, or the root would end
+// the successor no later than the issuer (a root rotation is due, not an
 // intermediate one).
-func (m *Manager) successor(set *ca.AuthoritySet) (ca.Authority, bool, error) {
+func (m *Manager) successor(ctx context.Context, set *ca.AuthoritySet, roots []*x509.Certificate) (ca.Authority, *x509.Certificate, bool, error) {
+	if m.upstream != nil {
+		return m.upstreamSuccessor(ctx, set, roots)
+	}
 	root, ok := set.ActiveRoot()
 	if !ok || root.Signer == nil || !root.Cert.NotAfter.After(set.Issuer.Cert.NotAfter) {
-		return ca.Authority{}, false, nil
+		return ca.Authority{}, nil, false, nil
 	}
 	next, err := ca.NewIntermediate(m.opts.Authority, root.Authority)
-	return next, err == nil, err
+	return next, root.Cert, err == nil, err
 }
 
 func liveIssuers(issuers []ca.RetiringIssuer, now time.Time) []ca.RetiringIssuer {
@@ -353,6 +470,9 @@ func (m *Manager) RotateIntermediate(ctx context.Context, op OpOptions) (Result,
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	set := m.opts.CA.Authorities()
+	if m.upstream != nil {
+		return m.rotateFromUpstream(ctx, set, op)
+	}
 	root, ok := set.ActiveRoot()
 	if !ok || root.Signer == nil {
 		return Result{}, &RefusedError{Step: StepActivateIntermediate, msg: "the active root's key is not held here, so no new intermediate can be made; replace the CA files instead"}
@@ -379,6 +499,9 @@ func (m *Manager) RotateIntermediate(ctx context.Context, op OpOptions) (Result,
 // PrepareRoot creates a new self-signed root and adds it to the bundle,
 // raising the bundle sequence. It does not sign yet.
 func (m *Manager) PrepareRoot(ctx context.Context, op OpOptions) (Result, error) {
+	if err := m.refuseWithUpstream(StepPrepareRoot); err != nil {
+		return Result{}, err
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	set := m.opts.CA.Authorities()
@@ -411,6 +534,9 @@ func (m *Manager) PrepareRoot(ctx context.Context, op OpOptions) (Result, error)
 // reported holding the prepared root, or that lifetime has passed since
 // prepare.
 func (m *Manager) ActivateRoot(ctx context.Context, op OpOptions) (Result, error) {
+	if err := m.refuseWithUpstream(StepActivateRoot); err != nil {
+		return Result{}, err
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	set := m.opts.CA.Authorities()
@@ -483,6 +609,9 @@ func (m *Manager) activateRefusal(prepared ca.Root, now time.Time) string {
 // sequence, and stops serving certificates they signed. It refuses while a
 // leaf under a retiring root can still be valid.
 func (m *Manager) RetireRoot(ctx context.Context, op OpOptions) (Result, error) {
+	if err := m.refuseWithUpstream(StepRetireRoot); err != nil {
+		return Result{}, err
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	set := m.opts.CA.Authorities()
