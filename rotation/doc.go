@@ -3,12 +3,15 @@
 //
 // A Source holds a workload's X509-SVID and its trust domain's bundle, and
 // renews them from meshca-server: agents and Go programs use it to hold an
-// identity. It renews at half of the certificate's life, jittered by ±5%
-// of the life so that workloads started together do not renew together;
-// retries failures with capped exponential backoff; serves the current
-// certificate until it truly expires, so a CA outage shorter than half a
-// leaf lifetime is invisible; and follows the bundle stream, so new roots
-// reach the workload before anything is signed under them.
+// identity. It renews by half of the certificate's life, at a point drawn
+// from the tenth of the life before (40–50%), so that workloads started
+// together do not renew together; retries failures with capped exponential
+// backoff, never waiting more than a twentieth of the time the SVID has
+// left; and serves the current certificate until it truly expires. So a CA
+// outage shorter than half a leaf lifetime, minus that retry cap, is
+// invisible to a workload that renewed on time. It also follows the bundle
+// stream, so new roots reach the workload before anything is signed under
+// them.
 //
 // A Source is an x509svid.Source and an x509bundle.Source. TLS configs
 // built on it read the live SVID and bundle at every handshake, so a
@@ -107,4 +110,18 @@
 // OpOptions.Force overrides a refusal and OpOptions.DryRun changes nothing.
 // Every step is saved to the ca.Store before the CA uses it: a crash
 // between the two leaves the saved step, which the next start loads.
+//
+// # With an upstream authority
+//
+// With ManagerOptions.Upstream (Vault's PKI engine, ca/vaultca; the
+// server's authority.mode vault), the roots are the upstream's: each
+// successor intermediate is made here and signed by the upstream, the
+// bundle follows the upstream's roots at every check (a root added there
+// joins as prepared; one made the upstream's default becomes active with
+// the next intermediate), and PrepareRoot, ActivateRoot and RetireRoot are
+// refused with a RefusedError that says how to rotate in the upstream
+// instead. While the upstream cannot be reached the CA goes on signing
+// with its current intermediate; Run retries with UpstreamBackoff and
+// UpstreamStatus (and the meshca_upstream_* metrics, with Registerer)
+// says how the upstream last answered.
 package rotation

@@ -91,9 +91,21 @@ func (s *Source) renewLoop(ctx context.Context, dial Dialer) {
 			continue
 		}
 		failures++
-		wait = s.backoff.delay(failures, s.random())
+		wait = s.retryWait(failures)
 		s.logFailure(ctx, err, failures, wait)
 	}
+}
+
+// retryWait returns the wait before the retry after the given number of
+// consecutive failures: Backoff's, held to retryCap of the time the
+// current SVID has left while there is one that has not expired, so that
+// a CA that comes back is used before the SVID runs out.
+func (s *Source) retryWait(failures int) time.Duration {
+	limit := s.backoff.Max
+	if svid, err := s.GetX509SVID(); err == nil {
+		limit = retryCap(svid.Certificates[0].NotAfter.Sub(s.clock.Now()))
+	}
+	return s.backoff.delayWithin(failures, s.random(), limit)
 }
 
 // untilRenewal returns the time left before the current SVID's renew

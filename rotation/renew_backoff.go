@@ -66,9 +66,35 @@ func (b Backoff) complete() (Backoff, error) {
 // delay returns the wait before retry n (1 is the first); u is uniform in
 // [0, 1).
 func (b Backoff) delay(n int, u float64) time.Duration {
+	return b.delayWithin(n, u, b.Max)
+}
+
+// delayWithin is delay with the wait capped at limit rather than Max, when
+// limit is the lower. The cap applies before the jitter, so that callers
+// held to it still spread out.
+func (b Backoff) delayWithin(n int, u float64, limit time.Duration) time.Duration {
+	limit = min(limit, b.Max)
 	d := float64(b.Initial) * math.Pow(b.Factor, float64(n-1))
-	if d > float64(b.Max) || math.IsInf(d, 0) || math.IsNaN(d) {
-		d = float64(b.Max)
+	if d > float64(limit) || math.IsInf(d, 0) || math.IsNaN(d) {
+		d = float64(limit)
 	}
 	return time.Duration(d * (1 - b.Jitter*u))
+}
+
+// The cap on renewal retries while an SVID is held: see Options.Backoff.
+const (
+	// retryShareOfLeft is the share of an SVID's remaining life that a
+	// retry may wait at most: a twentieth.
+	retryShareOfLeft = 20
+
+	// minRetryCap is the least the cap comes down to, so that an SVID
+	// about to expire is not renewed in a tight loop.
+	minRetryCap = 100 * time.Millisecond
+)
+
+// retryCap returns the longest a renewal retry may wait while an SVID
+// with left of its life remaining is held: a twentieth of left, and
+// minRetryCap at least. It wins over Backoff.Initial and Max.
+func retryCap(left time.Duration) time.Duration {
+	return max(left/retryShareOfLeft, minRetryCap)
 }

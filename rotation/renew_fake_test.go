@@ -46,8 +46,9 @@ var (
 const bootstrapToken = "s3cret-bootstrap-token"
 
 // realTimeout bounds every real-time wait of the tests: a hang fails
-// instead of blocking the run.
-const realTimeout = 5 * time.Second
+// instead of blocking the run. It is generous, as a loaded machine running
+// the race detector can stall a step for seconds.
+const realTimeout = 20 * time.Second
 
 // timerClock is a fake clock that reports every timer the source starts,
 // so that a test can step exactly to the source's next wake-up. Each of the
@@ -178,7 +179,10 @@ func (f *fakeCA) serveBufconn(t *testing.T) rotation.Dialer {
 // does. It returns the address.
 func (f *fakeCA) serveTLS(t *testing.T) string {
 	t.Helper()
-	svid := f.issuer.CreateX509SVID(caServerID)
+	// Valid as long as the issuer, so that tests can run the fake clock
+	// for days.
+	now := f.clock.Now()
+	svid := f.issuer.CreateX509SVID(caServerID, testca.WithLifetime(now.Add(-time.Hour), now.Add(72*time.Hour)))
 	cert := tls.Certificate{PrivateKey: svid.PrivateKey, Leaf: svid.Certificates[0]}
 	for _, c := range svid.Certificates {
 		cert.Certificate = append(cert.Certificate, c.Raw)

@@ -83,7 +83,7 @@ func TestRunAgainstMeshcaServer(t *testing.T) {
 		tm := h.clock.next(t)
 		leaf := h.svid(t).Certificates[0]
 		serials = append(serials, leaf.SerialNumber.Text(16))
-		require.WithinDuration(t, leaf.NotBefore.Add(time.Duration(0.45*float64(leaf.NotAfter.Sub(leaf.NotBefore)))), tm.deadline, time.Nanosecond)
+		require.WithinDuration(t, leaf.NotBefore.Add(time.Duration(0.5*float64(leaf.NotAfter.Sub(leaf.NotBefore)))), tm.deadline, time.Nanosecond)
 		h.clock.fire(tm)
 	}
 	h.clock.next(t)
@@ -123,7 +123,7 @@ func TestRunRecoversFromARetiredRootAgainstMeshcaServer(t *testing.T) {
 	require.NoError(t, err)
 	h.src = src
 	h.run(t, src.Dialer("passthrough:///"+addr, caServerID))
-	h.clock.next(t) // the first SVID's renew point, 27 minutes away
+	h.clock.next(t) // the first SVID's renew point, half an hour away
 	first := h.svid(t).Certificates[0]
 	require.Eventually(t, func() bool { return src.BundleSequence() == seqA }, realTimeout, time.Millisecond, "the bundle watch runs")
 

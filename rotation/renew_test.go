@@ -20,8 +20,8 @@ import (
 	"github.com/meshca/meshca/testca"
 )
 
-// zeroRand makes every jitter its lowest: renewals at 0.45 of the life,
-// backoff waits of exactly Initial·2^(n-1).
+// zeroRand takes no jitter off: renewals at exactly RenewFraction (half
+// life), backoff waits of exactly Initial·2^(n-1) (within their caps).
 func zeroRand() float64 { return 0 }
 
 func TestRunRenewsADayInMilliseconds(t *testing.T) {
@@ -56,7 +56,7 @@ func TestRunRenewsADayInMilliseconds(t *testing.T) {
 	for i, c := range calls[1:] {
 		prev := calls[i].issued
 		frac := float64(c.at.Sub(prev.NotBefore)) / float64(prev.NotAfter.Sub(prev.NotBefore))
-		require.True(t, frac >= 0.45-1e-9 && frac <= 0.55, "renewal %d at %.4f of the previous certificate's life", i+1, frac)
+		require.True(t, frac >= 0.4-1e-9 && frac <= 0.5+1e-9, "renewal %d at %.4f of the previous certificate's life", i+1, frac)
 		require.Empty(t, c.token, "renewal %d sent the token", i+1)
 	}
 }
@@ -67,32 +67,49 @@ func TestRunBacksOffAndServesTheCurrentSVIDUntilItExpires(t *testing.T) {
 
 	tm := h.clock.next(t)
 	first := h.svid(t).Certificates[0]
-	require.WithinDuration(t, first.NotBefore.Add(27*time.Minute), tm.deadline, 0, "renew point at 0.45 of 1h")
+	require.WithinDuration(t, first.NotBefore.Add(30*time.Minute), tm.deadline, 0, "renew point at half of 1h")
 
 	// The CA goes down at the renew point, until 3 minutes after the
 	// certificate expired.
 	h.ca.setDown(true)
 	h.clock.fire(tm)
-	var waits []time.Duration
+	var waits, expiredWaits []time.Duration
 	for {
 		tm = h.clock.next(t)
-		if !h.clock.Now().Before(first.NotAfter.Add(3 * time.Minute)) {
+		now := h.clock.Now()
+		if !now.Before(first.NotAfter.Add(3 * time.Minute)) {
 			break
 		}
-		waits = append(waits, tm.d)
-		if h.clock.Now().Before(first.NotAfter) {
+		if now.Before(first.NotAfter) {
 			requireSameCert(t, first, h.svid(t).Certificates[0])
+			// Backoff's wait, held to a twentieth of what the SVID has
+			// left, and to 100ms at least.
+			n := len(waits) + 1
+			want := time.Second // 1s·2^(n-1), up to Max
+			for i := 1; i < n && want < time.Minute; i++ {
+				want *= 2
+			}
+			want = min(want, time.Minute, max(first.NotAfter.Sub(now)/20, 100*time.Millisecond))
+			require.Equal(t, want, tm.d, "wait %d, %s before expiry", n, first.NotAfter.Sub(now))
+			waits = append(waits, tm.d)
 		} else {
 			_, err := h.src.GetX509SVID()
 			require.EqualError(t, err, fmt.Sprintf("rotation: the X509-SVID for %q expired at %s and could not be renewed yet",
 				workloadID, first.NotAfter.UTC().Format(time.RFC3339)))
+			expiredWaits = append(expiredWaits, tm.d)
 		}
 		h.clock.fire(tm)
 	}
-	require.Equal(t, []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second, 16 * time.Second, 32 * time.Second}, waits[:6])
-	for i, w := range waits[6:] {
-		require.Equal(t, time.Minute, w, "wait %d is capped", i+6)
+	// Doubling from 1s while the SVID has half an hour left...
+	require.Equal(t, []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second, 16 * time.Second, 32 * time.Second, time.Minute}, waits[:7])
+	// ...down to 100ms just before it expires...
+	require.Equal(t, 100*time.Millisecond, waits[len(waits)-1])
+	// ...and Backoff alone once it has: Max, as failures went on.
+	require.NotEmpty(t, expiredWaits)
+	for i, w := range expiredWaits {
+		require.Equal(t, time.Minute, w, "wait %d after expiry", i+1)
 	}
+	waits = append(waits, expiredWaits...)
 
 	// The CA recovers: the next retry gets a new SVID, and the next wait
 	// is its renew point again.
@@ -101,7 +118,7 @@ func TestRunBacksOffAndServesTheCurrentSVIDUntilItExpires(t *testing.T) {
 	tm = h.clock.next(t)
 	second := h.svid(t).Certificates[0]
 	require.NotEqual(t, first.SerialNumber, second.SerialNumber)
-	require.WithinDuration(t, second.NotBefore.Add(27*time.Minute), tm.deadline, 0)
+	require.WithinDuration(t, second.NotBefore.Add(30*time.Minute), tm.deadline, 0)
 
 	// While the SVID was valid the retries authenticated with it; after
 	// it expired, with the token.
@@ -129,6 +146,49 @@ func TestRunBacksOffAndServesTheCurrentSVIDUntilItExpires(t *testing.T) {
 	require.Equal(t, slog.LevelWarn, logged[0].level, "a failure with a valid SVID left")
 	require.Equal(t, slog.LevelError, logged[len(logged)-1].level, "a failure with nothing valid to serve")
 	require.False(t, h.logs.contains(bootstrapToken), "the token was logged")
+}
+
+// TestRunUsesACABackBeforeExpiry takes the CA down at the renew point
+// and brings it back with little of the SVID's life left: with the
+// default backoff and jitter, the source retries within a twentieth of
+// what its SVID has left, so it renews before the SVID expires, over mTLS,
+// and never serves an expired one.
+func TestRunUsesACABackBeforeExpiry(t *testing.T) {
+	for _, back := range []time.Duration{5 * time.Minute, 30 * time.Second, 2 * time.Second} {
+		t.Run(fmt.Sprintf("back %s before expiry", back), func(t *testing.T) {
+			h := newSourceHarness(t, rotation.Options{TTL: time.Hour})
+			h.run(t, h.ca.serveBufconn(t))
+			tm := h.clock.next(t)
+			first := h.svid(t).Certificates[0]
+			backAt := first.NotAfter.Add(-back)
+
+			h.ca.setDown(true)
+			for {
+				h.clock.fire(tm)
+				tm = h.clock.next(t)
+				now := h.clock.Now()
+				if now.Before(first.NotAfter) {
+					limit := max(first.NotAfter.Sub(now)/20, 100*time.Millisecond)
+					require.LessOrEqual(t, tm.d, limit, "a retry %s before expiry", first.NotAfter.Sub(now))
+				}
+				if !tm.deadline.Before(backAt) {
+					break
+				}
+			}
+			// The CA is back before the next retry, which comes within a
+			// twentieth of what the SVID had left at the last failure.
+			h.ca.setDown(false)
+			h.clock.fire(tm)
+			h.clock.next(t)
+			calls := h.ca.calls()
+			last := calls[len(calls)-1]
+			require.NotNil(t, last.issued, "the retry after the CA came back")
+			require.True(t, last.at.Before(first.NotAfter), "renewed at %s, after the expiry at %s", last.at, first.NotAfter)
+			require.LessOrEqual(t, last.at.Sub(backAt), max(back/20, 100*time.Millisecond), "renewed %s after the CA came back", last.at.Sub(backAt))
+			require.Empty(t, last.token, "renewed over mTLS with the SVID still valid")
+			requireSameCert(t, last.issued, h.svid(t).Certificates[0])
+		})
+	}
 }
 
 func TestRunSendsTheTokenOnlyWithoutAValidSVID(t *testing.T) {
@@ -374,7 +434,7 @@ func TestRunWithAnInitialSVID(t *testing.T) {
 
 		h.run(t, h.ca.serveBufconn(t))
 		tm := h.clock.next(t)
-		require.Equal(t, h.start.Add(17*time.Minute), tm.deadline, "0.45 of the initial SVID's hour")
+		require.Equal(t, h.start.Add(20*time.Minute), tm.deadline, "half of the initial SVID's hour")
 		require.Empty(t, h.ca.calls())
 		h.clock.fire(tm)
 		h.clock.next(t)
@@ -474,7 +534,7 @@ func TestRunSendsTheTokenAfterTheServerRefusesTheSVID(t *testing.T) {
 	tm = h.clock.next(t)
 	second := h.svid(t).Certificates[0]
 	require.NotEqual(t, first.SerialNumber, second.SerialNumber)
-	require.WithinDuration(t, second.NotBefore.Add(27*time.Minute), tm.deadline, 0)
+	require.WithinDuration(t, second.NotBefore.Add(30*time.Minute), tm.deadline, 0)
 
 	calls := h.ca.calls()
 	require.Len(t, calls, 4, "the first SVID, two refusals and the renewal: the token that failed was never sent")
@@ -535,7 +595,7 @@ func (c *suspendClock) suspend(d time.Duration) {
 // TestRunRenewsAfterASuspend suspends the machine past the renew point:
 // timers stand still meanwhile, but the source reads the wall clock every
 // minute, so it renews within a minute of the resume rather than when its
-// timer, 27 minutes long, fires.
+// timer, 30 minutes long, fires.
 func TestRunRenewsAfterASuspend(t *testing.T) {
 	h := newSourceFixture(t)
 	clk := &suspendClock{timerClock: h.clock}
@@ -544,7 +604,7 @@ func TestRunRenewsAfterASuspend(t *testing.T) {
 	h.run(t, h.ca.serveBufconn(t))
 	tm := h.clock.next(t)
 	first := h.svid(t).Certificates[0]
-	require.WithinDuration(t, first.NotBefore.Add(27*time.Minute), tm.deadline, 0)
+	require.WithinDuration(t, first.NotBefore.Add(30*time.Minute), tm.deadline, 0)
 
 	// Suspended for 40 minutes: past the renew point, not the expiry.
 	clk.suspend(40 * time.Minute)

@@ -25,12 +25,13 @@ import (
 // Defaults of Options.
 const (
 	// DefaultRenewFraction is the point of a certificate's life at which
-	// it is renewed.
+	// it is renewed at the latest: half life.
 	DefaultRenewFraction = 0.5
 
-	// DefaultRenewJitter spreads renewals around the renew point: by
-	// default, uniformly over [0.45, 0.55] of the life.
-	DefaultRenewJitter = 0.05
+	// DefaultRenewJitter spreads renewals over the tenth of the life
+	// before the renew point: by default each certificate is renewed at a
+	// point drawn uniformly from [0.40, 0.50] of its life.
+	DefaultRenewJitter = 0.1
 
 	// DefaultRequestTimeout bounds one Sign request.
 	DefaultRequestTimeout = 30 * time.Second
@@ -75,18 +76,24 @@ type Options struct {
 	NewKey func() (crypto.Signer, error)
 
 	// RenewFraction is the fraction of a certificate's life (NotBefore to
-	// NotAfter) after which it is renewed, in (0, 1). Zero means
-	// DefaultRenewFraction.
+	// NotAfter) by which it is renewed, in (0, 1): the latest renew point.
+	// Zero means DefaultRenewFraction.
 	RenewFraction float64
 
 	// RenewJitter spreads renewals: each renew point is drawn uniformly
-	// from RenewFraction ± RenewJitter, so that workloads started together
-	// do not renew together. Zero means DefaultRenewJitter; negative means
-	// none. RenewFraction ± RenewJitter must stay within (0, 1).
+	// from [RenewFraction − RenewJitter, RenewFraction], so that workloads
+	// started together do not renew together, and none renews later than
+	// RenewFraction. Zero means DefaultRenewJitter; negative means none.
+	// RenewFraction − RenewJitter must be more than 0.
 	RenewJitter float64
 
 	// Backoff paces retries of failed renewals and reconnections of the
 	// bundle watch. The zero value is 1s doubling to 1m, less up to 20%.
+	// While the source holds an SVID that has not expired, no retry of a
+	// renewal waits longer than a twentieth of the time the SVID has left
+	// (but 100ms at least), whatever Backoff says: a CA that comes back
+	// is used within that share of the SVID's remaining life. With no
+	// valid SVID, retries follow Backoff alone.
 	Backoff Backoff
 
 	// RequestTimeout bounds one Sign request. It is a gRPC deadline, so it
@@ -180,8 +187,8 @@ func NewSource(opts Options) (*Source, error) {
 	case opts.RenewJitter < 0:
 		opts.RenewJitter = 0
 	}
-	if lo, hi := opts.RenewFraction-opts.RenewJitter, opts.RenewFraction+opts.RenewJitter; lo <= 0 || hi >= 1 {
-		return nil, fmt.Errorf("rotation: Options.RenewFraction %g ± RenewJitter %g is [%g, %g]; it must stay within (0, 1)", opts.RenewFraction, opts.RenewJitter, lo, hi)
+	if lo, hi := opts.RenewFraction-opts.RenewJitter, opts.RenewFraction; lo <= 0 || hi >= 1 {
+		return nil, fmt.Errorf("rotation: Options.RenewFraction %g and RenewJitter %g put renew points in [%g, %g] of the life; want them within (0, 1)", opts.RenewFraction, opts.RenewJitter, lo, hi)
 	}
 	backoff, err := opts.Backoff.complete()
 	if err != nil {
@@ -474,14 +481,17 @@ func (s *Source) verify(svid *x509svid.SVID, bundle *x509bundle.Bundle) error {
 	return err
 }
 
-// renewPoint returns when leaf should be renewed: at a jittered fraction of
-// its life. A fresh certificate issued with its renew point already past
-// (its life clamped to an expiring intermediate's, or a clock skew) is
-// renewed at that fraction of what is left, and not sooner than
-// Backoff.Initial, so that such a CA is not asked again in a tight loop. An
-// initial SVID past its renew point is renewed at once.
+// renewPoint returns when leaf should be renewed: at a fraction of its life
+// drawn from [RenewFraction − RenewJitter, RenewFraction]. A fresh
+// certificate issued with its renew point already past (its life clamped
+// to an expiring intermediate's, or a clock skew) is renewed at that
+// fraction of what is left, and not sooner than Backoff.Initial, so that
+// such a CA is not asked again in a tight loop. An initial SVID past its
+// renew point is renewed at once.
 func (s *Source) renewPoint(leaf *x509.Certificate, now time.Time, fresh bool) time.Time {
-	f := s.renewFraction + s.renewJitter*(2*s.random()-1)
+	// Jitter only brings the renew point forward, as Backoff's only
+	// shortens a wait: no certificate is renewed later than RenewFraction.
+	f := s.renewFraction - s.renewJitter*s.random()
 	at := leaf.NotBefore.Add(time.Duration(f * float64(leaf.NotAfter.Sub(leaf.NotBefore))))
 	if !fresh || !at.Before(now) {
 		return at

@@ -54,9 +54,14 @@ func TestNewSourceChecksOptions(t *testing.T) {
 			want: "rotation: Options.TTL is -1h0m0s; want zero (the server's default) or more",
 		},
 		{
-			name: "renew window outside the life",
-			opts: rotation.Options{ID: workloadID, InitialBundle: bundle, RenewFraction: 0.9, RenewJitter: 0.25},
-			want: "rotation: Options.RenewFraction 0.9 ± RenewJitter 0.25 is [0.65, 1.15]; it must stay within (0, 1)",
+			name: "renew window before the life",
+			opts: rotation.Options{ID: workloadID, InitialBundle: bundle, RenewFraction: 0.25, RenewJitter: 0.5},
+			want: "rotation: Options.RenewFraction 0.25 and RenewJitter 0.5 put renew points in [-0.25, 0.25] of the life; want them within (0, 1)",
+		},
+		{
+			name: "renew point at the end of the life",
+			opts: rotation.Options{ID: workloadID, InitialBundle: bundle, RenewFraction: 1},
+			want: "rotation: Options.RenewFraction 1 and RenewJitter 0.1 put renew points in [0.9, 1] of the life; want them within (0, 1)",
 		},
 		{
 			name: "backoff initial over its max",
