@@ -29,7 +29,10 @@ type Store struct {
 var _ ca.Store = (*Store)(nil)
 
 // New returns a store in dir, creating dir (mode 0700) if needed. It
-// refuses a dir that group or others can enter.
+// refuses a dir that group or others can enter. It removes the temporary
+// files a server killed while saving left in dir (securefile.RemoveTemps):
+// a store is the only writer of its file, and no save runs before New
+// returns.
 func New(dir string) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("filestore: %w", err)
@@ -41,7 +44,11 @@ func New(dir string) (*Store, error) {
 	if perm := info.Mode().Perm(); perm&0o077 != 0 {
 		return nil, fmt.Errorf("filestore: data directory %s has mode %#o; it holds CA keys, chmod 700 it", dir, perm)
 	}
-	return &Store{path: filepath.Join(dir, FileName)}, nil
+	path := filepath.Join(dir, FileName)
+	if _, err := securefile.RemoveTemps(path); err != nil {
+		return nil, fmt.Errorf("filestore: %w", err)
+	}
+	return &Store{path: path}, nil
 }
 
 // Load reads the authority set; ca.ErrNotFound when there is none yet.

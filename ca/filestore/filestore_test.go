@@ -195,3 +195,43 @@ func TestSaveIntoRemovedDirectory(t *testing.T) {
 	require.ErrorIs(t, err, fs.ErrNotExist)
 	require.ErrorContains(t, err, "filestore: securefile: ")
 }
+
+// TestNewRemovesStaleTempFiles: a server killed during a save leaves the
+// temporary file securefile.WriteFile was writing. The next New removes
+// such files, and only those: the state, and look-alikes of other
+// names, stay.
+func TestNewRemovesStaleTempFiles(t *testing.T) {
+	ctx := context.Background()
+	store, dir, _ := newStore(t)
+	set := newSet(t)
+	require.NoError(t, store.Save(ctx, set))
+
+	// Two saves killed half-way, made as WriteFile makes its temporary
+	// files.
+	for range 2 {
+		tmp, err := os.CreateTemp(dir, "."+filestore.FileName+".tmp-*")
+		require.NoError(t, err)
+		_, err = tmp.WriteString(`{"roots":[`)
+		require.NoError(t, err)
+		require.NoError(t, tmp.Close())
+	}
+	kept := []string{
+		".authorities.json.tmp-notdigits",
+		".authorities.json.tmp-",
+		"authorities.json.tmp-123",
+		".bans.json.tmp-123",
+		"notes.txt",
+	}
+	for _, name := range kept {
+		require.NoError(t, os.WriteFile(filepath.Join(dir, name), []byte("x"), 0o600))
+	}
+	require.NoError(t, os.Mkdir(filepath.Join(dir, ".authorities.json.tmp-42"), 0o700))
+	kept = append(kept, ".authorities.json.tmp-42", filestore.FileName)
+
+	store, err := filestore.New(dir)
+	require.NoError(t, err)
+	require.ElementsMatch(t, kept, dirNames(t, dir))
+	loaded, err := store.Load(ctx)
+	require.NoError(t, err)
+	require.Equal(t, set.Issuer.Cert.Raw, loaded.Issuer.Cert.Raw)
+}

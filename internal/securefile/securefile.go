@@ -12,6 +12,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 )
 
 // ErrTooOpen is returned by ReadPrivate for a file that users other than
@@ -23,7 +24,7 @@ var ErrTooOpen = errors.New("securefile: file is accessible by group or others; 
 // directory, syncs it, renames it over path and syncs the directory.
 func WriteFile(path string, data []byte, perm fs.FileMode) (err error) {
 	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	tmp, err := os.CreateTemp(dir, tempPattern(path))
 	if err != nil {
 		return fmt.Errorf("securefile: %w", err)
 	}
@@ -49,6 +50,52 @@ func WriteFile(path string, data []byte, perm fs.FileMode) (err error) {
 		return fmt.Errorf("securefile: %w", err)
 	}
 	return syncDir(dir)
+}
+
+// tempPattern returns the pattern of WriteFile's temporary files for
+// path, for os.CreateTemp: a dot file beside path, named after it.
+func tempPattern(path string) string { return "." + filepath.Base(path) + ".tmp-*" }
+
+// RemoveTemps removes the temporary files that WriteFile calls for path
+// left behind: a process killed during a write leaves one, which nothing
+// reads. Only files of WriteFile's own naming for path are removed
+// ("."+name+".tmp-" and os.CreateTemp's digits); run it when no write to
+// path can be under way, such as at start. It returns the names of the
+// files it removed.
+func RemoveTemps(path string) ([]string, error) {
+	dir := filepath.Dir(path)
+	prefix, _, _ := strings.Cut(tempPattern(path), "*")
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("securefile: %w", err)
+	}
+	var removed []string
+	for _, e := range entries {
+		suffix, ok := strings.CutPrefix(e.Name(), prefix)
+		if !ok || !e.Type().IsRegular() || !allDigits(suffix) {
+			continue
+		}
+		name := filepath.Join(dir, e.Name())
+		if err := os.Remove(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return removed, fmt.Errorf("securefile: removing a stale temporary file: %w", err)
+		}
+		removed = append(removed, name)
+	}
+	return removed, nil
+}
+
+// allDigits reports whether s is a non-empty string of ASCII digits, as
+// the random part of os.CreateTemp's names is.
+func allDigits(s string) bool {
+	if s == "" {
+		return false
+	}
+	for _, c := range s {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return true
 }
 
 func syncDir(dir string) error {

@@ -168,3 +168,41 @@ func octal(m fs.FileMode) string {
 	const digits = "01234567"
 	return "0" + string([]byte{digits[m>>6&7], digits[m>>3&7], digits[m&7]})
 }
+
+func TestRemoveTemps(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "state.json")
+	require.NoError(t, securefile.WriteFile(path, []byte("state"), 0o600))
+	// What a writer killed before its rename leaves: a temporary file
+	// named as WriteFile names them.
+	var stale []string
+	for range 3 {
+		tmp, err := os.CreateTemp(dir, ".state.json.tmp-*")
+		require.NoError(t, err)
+		require.NoError(t, tmp.Close())
+		stale = append(stale, tmp.Name())
+	}
+	kept := []string{"state.json", ".state.json.tmp-", ".state.json.tmp-12a", ".other.json.tmp-12", "state.json.tmp-12", ".state.json.tmp-12.bak"}
+	for _, name := range kept[1:] {
+		require.NoError(t, os.WriteFile(filepath.Join(dir, name), nil, 0o600))
+	}
+	require.NoError(t, os.Mkdir(filepath.Join(dir, ".state.json.tmp-77"), 0o700))
+	kept = append(kept, ".state.json.tmp-77")
+
+	removed, err := securefile.RemoveTemps(path)
+	require.NoError(t, err)
+	require.ElementsMatch(t, stale, removed)
+	require.ElementsMatch(t, kept, dirNames(t, dir))
+	data, err := os.ReadFile(path)
+	require.NoError(t, err)
+	require.Equal(t, "state", string(data))
+
+	// Nothing left to remove; and a directory that does not exist is an
+	// error.
+	removed, err = securefile.RemoveTemps(path)
+	require.NoError(t, err)
+	require.Empty(t, removed)
+	_, err = securefile.RemoveTemps(filepath.Join(dir, "missing", "state.json"))
+	require.ErrorIs(t, err, fs.ErrNotExist)
+	require.ErrorContains(t, err, "securefile: ")
+}
