@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -59,6 +60,17 @@ type Issued struct {
 
 	// BundleSequence is the sequence of the bundle that verifies Chain.
 	BundleSequence uint64
+
+	// TTL is the lifetime granted, from the moment of signing to
+	// Cert.NotAfter (NotBefore's backdating not counted): the TTL
+	// policy's answer to SignRequest.TTL, cut short when the issuer
+	// expires sooner.
+	TTL time.Duration
+
+	// TTLClamped reports that TTL is shorter than a SignRequest.TTL that
+	// asked for a lifetime (more than zero): the policy's maximum or the
+	// issuer's expiry cut it.
+	TTLClamped bool
 }
 
 // New returns a CA signing with set.
@@ -173,10 +185,11 @@ func (c *CA) Sign(ctx context.Context, req SignRequest) (*Issued, error) {
 	if !now.Before(issuer.Cert.NotAfter) {
 		return nil, fmt.Errorf("%w: the issuer expired at %s", ErrNoIssuer, issuer.Cert.NotAfter.UTC())
 	}
-	notAfter := now.Add(c.ttl.TTL(req.TTL))
-	if notAfter.After(issuer.Cert.NotAfter) {
-		notAfter = issuer.Cert.NotAfter
+	ttl := c.ttl.TTL(req.TTL)
+	if left := issuer.Cert.NotAfter.Sub(now); ttl > left {
+		ttl = left
 	}
+	notAfter := now.Add(ttl)
 	notBefore := now.Add(-backdate(notAfter.Sub(now)))
 	serial, err := newSerial()
 	if err != nil {
@@ -206,5 +219,11 @@ func (c *CA) Sign(ctx context.Context, req SignRequest) (*Issued, error) {
 	chain := make([]*x509.Certificate, 0, 1+len(s.chain))
 	chain = append(chain, cert)
 	chain = append(chain, s.chain...)
-	return &Issued{Cert: cert, Chain: chain, BundleSequence: s.set.Sequence}, nil
+	return &Issued{
+		Cert:           cert,
+		Chain:          chain,
+		BundleSequence: s.set.Sequence,
+		TTL:            ttl,
+		TTLClamped:     req.TTL > 0 && ttl < req.TTL,
+	}, nil
 }

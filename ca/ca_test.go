@@ -170,11 +170,13 @@ func TestSignValidity(t *testing.T) {
 		requested     time.Duration
 		issuerEndsIn  time.Duration // zero: a week
 		wantExpiresIn time.Duration
+		wantClamped   bool // Issued.TTLClamped
 	}{
 		{name: "default TTL", requested: 0, wantExpiresIn: time.Hour},
 		{name: "negative request gets the default", requested: -time.Hour, wantExpiresIn: time.Hour},
 		{name: "requested TTL", requested: 2 * time.Hour, wantExpiresIn: 2 * time.Hour},
-		{name: "clamped at 24h", requested: 48 * time.Hour, wantExpiresIn: 24 * time.Hour},
+		{name: "requested the maximum", requested: 24 * time.Hour, wantExpiresIn: 24 * time.Hour},
+		{name: "clamped at 24h", requested: 48 * time.Hour, wantExpiresIn: 24 * time.Hour, wantClamped: true},
 		{
 			name:          "custom default",
 			policy:        ca.TTLPolicy{Default: 10 * time.Minute, Max: 30 * time.Minute},
@@ -186,12 +188,14 @@ func TestSignValidity(t *testing.T) {
 			policy:        ca.TTLPolicy{Default: 10 * time.Minute, Max: 30 * time.Minute},
 			requested:     time.Hour,
 			wantExpiresIn: 30 * time.Minute,
+			wantClamped:   true,
 		},
 		{
 			name:          "clamped to the issuer's end",
 			requested:     time.Hour,
 			issuerEndsIn:  10 * time.Minute,
 			wantExpiresIn: 10 * time.Minute,
+			wantClamped:   true,
 		},
 		{
 			name:          "default clamped to the issuer's end",
@@ -221,6 +225,8 @@ func TestSignValidity(t *testing.T) {
 			require.Equal(t, now.Add(-min(ca.Backdate, tt.wantExpiresIn/10)).Truncate(time.Second), issued.Cert.NotBefore, "certificates hold whole seconds")
 			require.Equal(t, now.Add(tt.wantExpiresIn), issued.Cert.NotAfter)
 			require.False(t, issued.Cert.NotAfter.After(inter.Cert.NotAfter))
+			require.Equal(t, tt.wantExpiresIn, issued.TTL, "the TTL granted")
+			require.Equal(t, tt.wantClamped, issued.TTLClamped)
 
 			_, _, err := x509svid.Verify(issued.Chain, inter.Bundle(), x509svid.WithTime(now))
 			require.NoError(t, err)

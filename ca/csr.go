@@ -19,6 +19,18 @@ import (
 // is about 300 bytes, an RSA-4096 one under 2 KiB.
 const MaxCSRSize = 16 << 10
 
+// Bounds on what a CSR may carry, checked before its signature. A
+// workload's CSR has one SAN and at most a handful of extensions (SAN, key
+// usage, extended key usage, basic constraints).
+const (
+	// MaxCSRExtensions is the most extensions a CSR may request.
+	MaxCSRExtensions = 16
+
+	// MaxCSRSANs is the most SANs (URI, DNS, IP and email together) a CSR
+	// may hold; every form accepts exactly one.
+	MaxCSRSANs = 8
+)
+
 // Key size bounds for RSA leaf keys: under the minimum is weak; over the
 // maximum costs the CA too much to verify.
 const (
@@ -41,6 +53,7 @@ const (
 	ReasonForbiddenSAN CSRReason = "forbidden_san"
 	ReasonCARequest    CSRReason = "ca_request"
 	ReasonDNSSAN       CSRReason = "bad_dns_san"
+	ReasonTooMany      CSRReason = "too_many_extensions"
 )
 
 // CSRError is a CSR refused for a reason that is the caller's to fix.
@@ -169,6 +182,12 @@ func parseRequest(raw []byte, policy CSRPolicy, checkKey func(any) error) (*x509
 	req, err := x509.ParseCertificateRequest(der)
 	if err != nil {
 		return nil, csrErrorf(ReasonMalformed, err, "CSR is not a PKCS#10 request")
+	}
+	if n := len(req.Extensions); n > MaxCSRExtensions {
+		return nil, csrErrorf(ReasonTooMany, nil, "CSR has %d extensions, more than the limit of %d; a workload CSR needs its SAN only", n, MaxCSRExtensions)
+	}
+	if n := len(req.URIs) + len(req.DNSNames) + len(req.IPAddresses) + len(req.EmailAddresses); n > MaxCSRSANs {
+		return nil, csrErrorf(ReasonTooMany, nil, "CSR has %d SANs, more than the limit of %d; a workload CSR has exactly one", n, MaxCSRSANs)
 	}
 	// The key is checked before the signature, so that an oversized RSA key
 	// costs nothing to refuse.

@@ -7,11 +7,15 @@ import "strings"
 const MaxTokenLength = 8 << 10
 
 // ParseBearer returns the token of an "authorization" header value
-// "Bearer <token>". The scheme is case-insensitive, as RFC 7235 says. The
+// "Bearer <token>". The scheme is case-insensitive, as RFC 7235 says. A
+// token over MaxTokenLength is refused before anything is parsed. The
 // error never holds the header's content.
 func ParseBearer(header string) (string, error) {
-	if len(header) > MaxTokenLength+len("Bearer ") {
-		return "", authErrorf(ReasonMalformedToken, nil, "authorization header is %d bytes, more than the limit of %d", len(header), MaxTokenLength+len("Bearer "))
+	const prefix = len("Bearer ")
+	if len(header) > MaxTokenLength+prefix {
+		// Counted as if the header were "Bearer <token>": what follows
+		// the scheme and its space.
+		return "", authErrorf(ReasonMalformedToken, nil, "bearer token is %d bytes, more than the limit of %d", len(header)-prefix, MaxTokenLength)
 	}
 	scheme, token, ok := strings.Cut(header, " ")
 	if !ok || !strings.EqualFold(scheme, "Bearer") {

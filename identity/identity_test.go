@@ -122,7 +122,9 @@ func TestParseBearer(t *testing.T) {
 		{name: "no token", header: "Bearer", err: `identity: authorization header is not "Bearer <token>"`},
 		{name: "empty token", header: "Bearer   ", err: "identity: authorization header has an empty bearer token"},
 		{name: "control character", header: "Bearer ab\x01c", err: "identity: bearer token has a character outside printable ASCII at offset 2"},
-		{name: "too long", header: "Bearer " + strings.Repeat("a", identity.MaxTokenLength+1), err: "identity: authorization header is 8200 bytes, more than the limit of 8199"},
+		{name: "longest", header: "Bearer " + strings.Repeat("a", identity.MaxTokenLength), token: strings.Repeat("a", identity.MaxTokenLength)},
+		{name: "too long", header: "Bearer " + strings.Repeat("a", identity.MaxTokenLength+1), err: "identity: bearer token is 8193 bytes, more than the limit of 8192"},
+		{name: "too long, not even parsed", header: strings.Repeat("\x00", identity.MaxTokenLength+8), err: "identity: bearer token is 8193 bytes, more than the limit of 8192"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			token, err := identity.ParseBearer(tt.header)

@@ -2,6 +2,7 @@ package identity
 
 import (
 	"context"
+	"crypto/x509"
 	"fmt"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -9,6 +10,22 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"k8s.io/utils/clock"
 )
+
+// Bounds on a presented client certificate chain, checked before any
+// verification work. A workload's chain is its leaf and the intermediates
+// up to a root: two or three certificates of about 1 KiB each; a nested
+// deployment adds a few.
+const (
+	// MaxClientChainLength is the most certificates a chain may hold.
+	MaxClientChainLength = 8
+
+	// MaxClientChainBytes is the largest total DER size of a chain.
+	MaxClientChainBytes = 32 << 10
+)
+
+// ReasonChainTooLarge refuses a client certificate chain over
+// MaxClientChainLength or MaxClientChainBytes.
+const ReasonChainTooLarge AuthReason = "chain_too_large"
 
 // SVIDAuthenticator authenticates a caller renewing with its current
 // X509-SVID, presented as the TLS client certificate. The chain is
@@ -32,10 +49,15 @@ func NewSVIDAuthenticator(td spiffeid.TrustDomain, bundle x509bundle.Source, clk
 }
 
 // Authenticate verifies cred.PeerCertificates as an X509-SVID of the
-// trust domain.
+// trust domain. A chain over MaxClientChainLength certificates or
+// MaxClientChainBytes is refused, with ReasonChainTooLarge, before any
+// verification.
 func (a *SVIDAuthenticator) Authenticate(_ context.Context, cred Credential) (Caller, error) {
 	if len(cred.PeerCertificates) == 0 {
 		return Caller{}, ErrNotApplicable
+	}
+	if err := checkChainSize(cred.PeerCertificates); err != nil {
+		return Caller{}, err
 	}
 	leaf := cred.PeerCertificates[0]
 	id, err := x509svid.IDFromCert(leaf)
@@ -53,4 +75,20 @@ func (a *SVIDAuthenticator) Authenticate(_ context.Context, cred Credential) (Ca
 		Method:  MethodMTLS,
 		Subject: fmt.Sprintf("serial:%x", leaf.SerialNumber),
 	}, nil
+}
+
+// checkChainSize refuses a chain too long or too large to be worth
+// verifying.
+func checkChainSize(chain []*x509.Certificate) error {
+	if n := len(chain); n > MaxClientChainLength {
+		return authErrorf(ReasonChainTooLarge, nil, "client certificate chain has %d certificates, more than the limit of %d; present your SVID and its intermediates only", n, MaxClientChainLength)
+	}
+	size := 0
+	for _, c := range chain {
+		size += len(c.Raw)
+	}
+	if size > MaxClientChainBytes {
+		return authErrorf(ReasonChainTooLarge, nil, "client certificate chain is %d bytes, more than the limit of %d; present your SVID and its intermediates only", size, MaxClientChainBytes)
+	}
+	return nil
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -17,6 +18,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/ca/vaultca"
 	"github.com/meshca/meshca/internal/server"
 )
 
@@ -91,21 +93,68 @@ type Config struct {
 	// federation): a bundle endpoint serving this trust domain's bundle to
 	// them, and the peers whose bundles are fetched and sent to workloads.
 	Federation FederationConfig `json:"federation"`
+
+	// Policy narrows which identities this server issues (per-cluster
+	// scoping under a shared root). Default: the whole trust domain.
+	Policy PolicyConfig `json:"policy"`
+
+	// Limits bound what one source address or one identity may ask of
+	// the gRPC API. Every bound is off by default (0); docs/limits.md
+	// gives recommended production values.
+	Limits LimitsConfig `json:"limits"`
+}
+
+// LimitsConfig bounds callers of the gRPC API. 0 means no bound.
+type LimitsConfig struct {
+	// PerSource rate-limits the certificate requests of one source IP
+	// (IPv6: one /64), checked before authentication. Default off.
+	PerSource RateConfig `json:"perSource"`
+
+	// PerIdentity rate-limits the certificate requests of one SPIFFE ID,
+	// across the native, Istio and Linkerd APIs, checked after
+	// authentication and before the CSR is verified. Default off.
+	PerIdentity RateConfig `json:"perIdentity"`
+
+	// MaxConnectionsPerSource bounds the open connections of one source
+	// IP; more are closed as they are accepted. Default off.
+	MaxConnectionsPerSource int `json:"maxConnectionsPerSource"`
+
+	// MaxWatchStreamsPerSource bounds the bundle watch streams of one
+	// source IP. Default off.
+	MaxWatchStreamsPerSource int `json:"maxWatchStreamsPerSource"`
+
+	// MaxTrackedKeys bounds the sources, and the identities, a rate limit
+	// tracks at once. Default 100000.
+	MaxTrackedKeys int `json:"maxTrackedKeys"`
+}
+
+// RateConfig is a token bucket.
+type RateConfig struct {
+	// Rate is the sustained number of requests a second; 0 is no limit.
+	Rate float64 `json:"rate"`
+
+	// Burst is how many requests may come at once. Default the rate,
+	// rounded up.
+	Burst int `json:"burst"`
 }
 
 // AuthorityConfig selects and configures the signing authorities.
 type AuthorityConfig struct {
 	// Mode is "selfsigned" (default: a root and intermediate created in
-	// DataDir on first start and reused after) or "files" (an operator's
-	// CA laid out as Istio's cacerts).
+	// DataDir on first start and reused after), "files" (an operator's
+	// CA laid out as Istio's cacerts) or "vault" (the roots in a Vault PKI
+	// mount, which signs the intermediates; see Vault).
 	Mode string `json:"mode"`
 
-	// RootTTL of a created root. Default 87600h (10 years).
+	// RootTTL of a created root. Default 87600h (10 years). Not in mode
+	// vault, whose roots are Vault's.
 	RootTTL Duration `json:"rootTTL"`
 
 	// IntermediateTTL of a created intermediate. Default 8760h (1 year).
 	// Intermediates rotate by themselves: a successor is prepared with a
-	// third of the life left and takes over with a sixth left.
+	// third of the life left and takes over with a sixth left. In mode
+	// vault it is the TTL asked of Vault, which caps it at the root's end
+	// and the mount's max lease TTL.
 	IntermediateTTL Duration `json:"intermediateTTL"`
 
 	// RotationCheckInterval is how often the intermediate is checked.
@@ -115,6 +164,9 @@ type AuthorityConfig struct {
 
 	// Files of mode "files".
 	Files FilesConfig `json:"files"`
+
+	// Vault of mode "vault".
+	Vault VaultConfig `json:"vault"`
 }
 
 // KubernetesConfig configures the server in a Kubernetes cluster.
@@ -137,9 +189,13 @@ type KubernetesConfig struct {
 	// ["meshca"].
 	TokenAudiences []string `json:"tokenAudiences"`
 
-	// StateSecret holds the authority set (mode selfsigned). Default
+	// StateSecret holds the authority set (modes selfsigned and vault). Default
 	// "meshca-state".
 	StateSecret string `json:"stateSecret"`
+
+	// BanSecret holds the emergency bans (meshctl ban), written by any
+	// replica and watched by all. Default "meshca-bans".
+	BanSecret string `json:"banSecret"`
 
 	// LeaseName is the coordination Lease of leader election. Default
 	// "meshca-leader".
@@ -354,6 +410,8 @@ type completeConfig struct {
 	istio    server.IstioOptions
 	linkerd  server.LinkerdOptions
 	fed      federationSettings
+	limits   server.Limits
+	vault    *vaultca.Config // mode vault
 }
 
 // complete applies the defaults and checks every value.
@@ -398,6 +456,7 @@ func (c Config) complete() (*completeConfig, error) {
 			k.TokenAudiences = []string{"meshca"}
 		}
 		k.StateSecret = cmp.Or(k.StateSecret, "meshca-state")
+		k.BanSecret = cmp.Or(k.BanSecret, "meshca-bans")
 		k.LeaseName = cmp.Or(k.LeaseName, "meshca-leader")
 		k.BundleConfigMap = cmp.Or(k.BundleConfigMap, "meshca-trust-bundle")
 	}
@@ -434,8 +493,15 @@ func (c Config) complete() (*completeConfig, error) {
 		if f.RootCert == "" || f.CACert == "" || f.CAKey == "" {
 			errs = append(errs, errors.New("authority.files: rootCert, caCert and caKey are required in mode \"files\""))
 		}
+	case "vault":
 	default:
-		errs = append(errs, fmt.Errorf("authority.mode %q: want \"selfsigned\" or \"files\"", c.Authority.Mode))
+		errs = append(errs, fmt.Errorf("authority.mode %q: want \"selfsigned\", \"files\" or \"vault\"", c.Authority.Mode))
+	}
+	if err := cc.completeVault(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := cc.completePolicy(); err != nil {
+		errs = append(errs, err)
 	}
 	cc.ttl = ca.TTLPolicy{Default: time.Duration(c.Leaf.DefaultTTL), Max: time.Duration(c.Leaf.MaxTTL)}
 	if cc.ttl.Default < 0 || cc.ttl.Max < 0 {
@@ -459,6 +525,9 @@ func (c Config) complete() (*completeConfig, error) {
 		errs = append(errs, err)
 	}
 	if err := cc.completeFederation(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := cc.completeLimits(); err != nil {
 		errs = append(errs, err)
 	}
 	if c.Profiling && c.MetricsAddress == "off" {
@@ -537,4 +606,39 @@ func orDefault(list []string, def string) []string {
 		return []string{def}
 	}
 	return list
+}
+
+// completeLimits checks the limits block and sets the server's Limits.
+func (cc *completeConfig) completeLimits() error {
+	l := cc.Limits
+	var errs []error
+	for _, r := range []struct {
+		key string
+		r   RateConfig
+	}{{"limits.perSource", l.PerSource}, {"limits.perIdentity", l.PerIdentity}} {
+		switch {
+		case r.r.Rate < 0 || math.IsNaN(r.r.Rate) || math.IsInf(r.r.Rate, 0):
+			errs = append(errs, fmt.Errorf("%s.rate %v: want requests a second, 0 for no limit", r.key, r.r.Rate))
+		case r.r.Burst < 0:
+			errs = append(errs, fmt.Errorf("%s.burst %d must not be negative", r.key, r.r.Burst))
+		case r.r.Rate == 0 && r.r.Burst != 0:
+			errs = append(errs, fmt.Errorf("%s.burst is set but rate is 0 (no limit): set a rate too", r.key))
+		}
+	}
+	for _, n := range []struct {
+		key string
+		v   int
+	}{{"limits.maxConnectionsPerSource", l.MaxConnectionsPerSource}, {"limits.maxWatchStreamsPerSource", l.MaxWatchStreamsPerSource}, {"limits.maxTrackedKeys", l.MaxTrackedKeys}} {
+		if n.v < 0 {
+			errs = append(errs, fmt.Errorf("%s %d must not be negative (0 is the default)", n.key, n.v))
+		}
+	}
+	cc.limits = server.Limits{
+		PerSource:                server.Rate{PerSecond: l.PerSource.Rate, Burst: l.PerSource.Burst},
+		PerIdentity:              server.Rate{PerSecond: l.PerIdentity.Rate, Burst: l.PerIdentity.Burst},
+		MaxConnectionsPerSource:  l.MaxConnectionsPerSource,
+		MaxWatchStreamsPerSource: l.MaxWatchStreamsPerSource,
+		MaxTrackedKeys:           l.MaxTrackedKeys,
+	}
+	return errors.Join(errs...)
 }

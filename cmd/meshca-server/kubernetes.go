@@ -16,6 +16,7 @@ import (
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/ca/kubestore"
 	"github.com/meshca/meshca/identity"
+	"github.com/meshca/meshca/identity/ban"
 	"github.com/meshca/meshca/identity/bundlepublish"
 	"github.com/meshca/meshca/identity/tokenreview"
 	"github.com/meshca/meshca/internal/leader"
@@ -73,6 +74,17 @@ func (k *kubeEnv) store() (*kubestore.Store, error) {
 		Client:    k.client.CoreV1(),
 		Namespace: k.cfg.Namespace,
 		Name:      k.cfg.StateSecret,
+		Logger:    k.log,
+	})
+}
+
+// banStore returns the Secret store of the emergency bans, shared by the
+// replicas and watched by each.
+func (k *kubeEnv) banStore() (*ban.KubeStore, error) {
+	return ban.NewKubeStore(ban.KubeOptions{
+		Client:    k.client.CoreV1(),
+		Namespace: k.cfg.Namespace,
+		Name:      k.cfg.BanSecret,
 		Logger:    k.log,
 	})
 }

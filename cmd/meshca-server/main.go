@@ -147,7 +147,16 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 			return err
 		}
 	}
-	set, store, err := loadAuthorities(ctx, cfg, kube)
+	// upstream holds the roots in mode vault; nil in the other modes.
+	var upstream ca.Upstream
+	if cfg.vault != nil {
+		up, err := newVaultUpstream(cfg, log)
+		if err != nil {
+			return err
+		}
+		upstream = up
+	}
+	set, store, err := loadAuthorities(ctx, cfg, kube, upstream)
 	if err != nil {
 		return err
 	}
@@ -170,6 +179,8 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 	if kube != nil {
 		gate = nil
 	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	var manager *rotation.Manager
 	if store != nil {
 		manager, err = rotation.NewManager(rotation.ManagerOptions{
@@ -181,14 +192,19 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 			CheckInterval: time.Duration(cfg.Authority.RotationCheckInterval),
 			Logger:        log,
 			AfterSave:     failpoint(log),
+			Upstream:      upstream,
+			Registerer:    reg,
 		})
 		if err != nil {
 			return err
 		}
 	}
 
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	bans, err := loadBans(ctx, cfg, kube, reg, log)
+	if err != nil {
+		return err
+	}
+	go func() { _ = bans.Run(ctx) }()
 	// The federator publishes its stored peers' bundles at once, before
 	// any fetch; it fetches once Run runs.
 	fed, err := newFederator(ctx, cfg, reg, log)
@@ -237,7 +253,7 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 	srv, err := server.New(server.Options{
 		CA:            c,
 		Authenticator: identity.Chain(authns...),
-		Policy:        identity.Policy{TrustDomain: cfg.td, Reserved: []spiffeid.ID{cfg.serverID}},
+		Policy:        cfg.identityPolicy(),
 		Logger:        log,
 		AuditLogger:   audit,
 		Registerer:    reg,
@@ -246,6 +262,8 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 		Istio:         cfg.istio,
 		Linkerd:       cfg.linkerd,
 		Federated:     fed,
+		Limits:        cfg.limits,
+		Bans:          bans,
 	})
 	if err != nil {
 		return err
@@ -292,7 +310,7 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 	}
 
 	errc := make(chan error, 3) // gRPC, health and admin servers
-	go func() { errc <- g.Serve(lis) }()
+	go func() { errc <- g.Serve(srv.LimitListener(lis)) }()
 
 	var health *grpc.Server
 	var healthLis net.Listener
@@ -314,7 +332,7 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 			return err
 		}
 		adminOpts := server.AdminOptions{CA: c, Manager: manager, Tracker: tracker, MaxLeafTTL: maxLeafTTL, Logger: audit, Leader: adminLeader,
-			Federator: fed, ConfigPeers: cfg.fed.configPeers()}
+			Federator: fed, ConfigPeers: cfg.fed.configPeers(), Bans: bans}
 		if kube != nil {
 			adminOpts.FixedPeers = kubernetesFixedPeers
 		}
@@ -336,7 +354,8 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 		"istio_api", cfg.istio.Enabled,
 		"linkerd_api", cfg.linkerd.Enabled,
 		"federation_address", addrOf(fedLis),
-		"federated_trust_domains", len(fed.Peers()))
+		"federated_trust_domains", len(fed.Peers()),
+		"bans_in_force", len(bans.List()))
 	if cfg.Demo {
 		printBanner(stdout, cfg, lis.Addr().String(), bundlePath, demoTokenPath)
 	}
@@ -389,9 +408,10 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 }
 
 // loadAuthorities returns the authority set and, when it is ours to
-// rotate (mode selfsigned), the store it lives in: a Secret in Kubernetes
-// mode, shared by the replicas, else the data directory.
-func loadAuthorities(ctx context.Context, cfg *completeConfig, kube *kubeEnv) (*ca.AuthoritySet, ca.Store, error) {
+// rotate (modes selfsigned and vault), the store it lives in: a Secret in
+// Kubernetes mode, shared by the replicas, else the data directory. In
+// mode vault, up signs the first intermediate.
+func loadAuthorities(ctx context.Context, cfg *completeConfig, kube *kubeEnv, up ca.Upstream) (*ca.AuthoritySet, ca.Store, error) {
 	if cfg.Authority.Mode == "files" {
 		f := cfg.Authority.Files
 		set, err := ca.LoadFiles(cfg.td, ca.Files{RootCert: f.RootCert, CACert: f.CACert, CAKey: f.CAKey, CertChain: f.CertChain}, time.Now())
@@ -402,12 +422,20 @@ func loadAuthorities(ctx context.Context, cfg *completeConfig, kube *kubeEnv) (*
 		if err != nil {
 			return nil, nil, err
 		}
+		if up != nil {
+			set, err := loadUpstreamAuthorities(ctx, store, authorityOptions(cfg), up)
+			return set, store, err
+		}
 		set, err := kubestore.LoadOrCreate(ctx, store, authorityOptions(cfg))
 		return set, store, err
 	}
 	store, err := filestore.New(cfg.DataDir)
 	if err != nil {
 		return nil, nil, err
+	}
+	if up != nil {
+		set, err := loadUpstreamAuthorities(ctx, store, authorityOptions(cfg), up)
+		return set, store, err
 	}
 	set, err := ca.LoadOrCreate(ctx, store, authorityOptions(cfg))
 	return set, store, err

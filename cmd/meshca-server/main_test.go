@@ -312,7 +312,7 @@ func TestServerRefusesBadSetup(t *testing.T) {
 		{"bad trust domain", []string{"--trust-domain", "Not A Domain"}, "config: trustDomain: trust domain characters are limited"},
 		{"bad duration", []string{"--config", write("dur.yaml", "leaf:\n  maxTTL: forever\n", 0o600)}, `duration "forever"`},
 		{"default over max", []string{"--config", write("ttl.yaml", "leaf:\n  defaultTTL: 48h\n", 0o600)}, "leaf.defaultTTL 48h0m0s is longer than the maximum 24h0m0s"},
-		{"bad mode", []string{"--config", write("mode.yaml", "authority:\n  mode: vault\n", 0o600)}, `authority.mode "vault": want "selfsigned" or "files"`},
+		{"bad mode", []string{"--config", write("mode.yaml", "authority:\n  mode: hsm\n", 0o600)}, `authority.mode "hsm": want "selfsigned", "files" or "vault"`},
 		{"intermediate as short as a leaf", []string{"--config", write("inter.yaml", "leaf:\n  maxTTL: 1h\nauthority:\n  intermediateTTL: 90m\n", 0o600)}, "authority.intermediateTTL 1h30m0s is shorter than twice the longest leaf (1h0m0s)"},
 		{"files mode without files", []string{"--config", write("files.yaml", "authority:\n  mode: files\n", 0o600)}, "rootCert, caCert and caKey are required"},
 		{"data dir open to others", []string{"--data-dir", openDataDir}, "has mode 0755; it holds CA keys, chmod 700 it"},

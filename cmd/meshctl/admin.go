@@ -186,6 +186,45 @@ func printRootStatus(w io.Writer, st *adminv1.RootStatusResponse) {
 	if r := st.GetRetireAllowedAt(); r != nil {
 		fmt.Fprintf(w, "\nretiring root: retire allowed from %s\n", ts(r))
 	}
+	if up := st.GetUpstream(); up != nil {
+		fmt.Fprintf(w, "\n%s\n", upstreamLine(up))
+	}
+}
+
+// upstreamLine says how the upstream authority (Vault) has answered:
+//
+//	upstream: Vault at https://vault:8200, PKI mount "pki": available, last success 2026-11-22T02:10:00Z
+//	upstream: Vault at https://vault:8200, PKI mount "pki": UNAVAILABLE since the last success at 2026-11-22T02:10:00Z (3 failed calls, the last at 2026-11-22T02:10:30Z), retry at 2026-11-22T02:10:34Z, last error: ...
+func upstreamLine(up *adminv1.UpstreamStatus) string {
+	line := "upstream: " + up.GetName() + ": "
+	switch {
+	case up.GetAvailable():
+		line += "available, last success " + ts(up.GetLastSuccess())
+	case up.GetLastFailure() == nil:
+		line += "not called yet (only the replica that leads calls it)"
+	default:
+		since := "it started"
+		if up.GetLastSuccess() != nil {
+			since = "the last success at " + ts(up.GetLastSuccess())
+		}
+		calls := "calls"
+		if up.GetConsecutiveFailures() == 1 {
+			calls = "call"
+		}
+		line += fmt.Sprintf("UNAVAILABLE since %s (%d failed %s, the last at %s)",
+			since, up.GetConsecutiveFailures(), calls, ts(up.GetLastFailure()))
+	}
+	if next := up.GetNextAttempt(); next != nil {
+		if up.GetAvailable() {
+			line += ", next check at " + ts(next)
+		} else {
+			line += ", retry at " + ts(next)
+		}
+	}
+	if !up.GetAvailable() && up.GetLastError() != "" {
+		line += ", last error: " + up.GetLastError()
+	}
+	return line
 }
 
 func ts(t *timestamppb.Timestamp) string {

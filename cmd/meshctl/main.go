@@ -1,6 +1,6 @@
 // Command meshctl is meshca's command line: get a certificate, inspect
-// one, print the trust bundle, benchmark a server, rotate the root and
-// federate with other trust domains.
+// one, print the trust bundle, benchmark a server, rotate the root,
+// federate with other trust domains and ban identities.
 package main
 
 import (
@@ -35,6 +35,7 @@ func newRootCommand(stdout, stderr io.Writer) *cobra.Command {
 		newRootRotationCommand(),
 		newIntermediateCommand(),
 		newFederationCommand(),
+		newBanCommand(),
 	)
 	return root
 }

@@ -4,14 +4,55 @@
 package pemutil
 
 import (
+	"bytes"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
 	"fmt"
 )
 
+// Bounds on the input of every function of the package, checked before
+// anything is decoded. A trust bundle is a few roots; a Web PKI root file
+// (Debian's ca-certificates.crt) is about 150 certificates and 220 KiB.
+const (
+	// MaxBytes is the largest input, PEM or the sum of DER certificates.
+	MaxBytes = 1 << 20
+
+	// MaxBlocks is the most PEM blocks, or DER certificates, of one
+	// input.
+	MaxBlocks = 500
+)
+
+// ErrTooLarge is matched (errors.Is) by the error for an input over
+// MaxBytes or MaxBlocks.
+var ErrTooLarge = errors.New("pemutil: input over the limit")
+
+// limitError is an input over a bound; errors.Is(err, ErrTooLarge).
+type limitError struct{ msg string }
+
+func (e *limitError) Error() string        { return "pemutil: " + e.msg }
+func (e *limitError) Is(target error) bool { return target == ErrTooLarge }
+
+func tooLarge(format string, args ...any) error {
+	return &limitError{msg: fmt.Sprintf(format, args...)}
+}
+
+// checkPEM bounds data before it is decoded: its size, and the number of
+// blocks it may hold, counted by their BEGIN lines.
+func checkPEM(data []byte) error {
+	if len(data) > MaxBytes {
+		return tooLarge("%d bytes of PEM, more than the limit of %d", len(data), MaxBytes)
+	}
+	if n := bytes.Count(data, []byte("-----BEGIN ")); n > MaxBlocks {
+		return tooLarge("%d PEM blocks, more than the limit of %d", n, MaxBlocks)
+	}
+	return nil
+}
+
 // ParseCertificates parses every block of data, which must all be
-// CERTIFICATE blocks; at least one.
+// CERTIFICATE blocks; at least one. Data over MaxBytes or MaxBlocks is
+// refused (ErrTooLarge) before it is decoded, as by every function of the
+// package.
 func ParseCertificates(data []byte) ([]*x509.Certificate, error) {
 	return parse(data, false)
 }
@@ -23,6 +64,9 @@ func FindCertificates(data []byte) ([]*x509.Certificate, error) {
 }
 
 func parse(data []byte, skipOthers bool) ([]*x509.Certificate, error) {
+	if err := checkPEM(data); err != nil {
+		return nil, err
+	}
 	var certs []*x509.Certificate
 	for {
 		var block *pem.Block
@@ -53,6 +97,16 @@ func parse(data []byte, skipOthers bool) ([]*x509.Certificate, error) {
 func ParseDER(ders [][]byte) ([]*x509.Certificate, error) {
 	if len(ders) == 0 {
 		return nil, errors.New("pemutil: no certificates")
+	}
+	if len(ders) > MaxBlocks {
+		return nil, tooLarge("%d certificates, more than the limit of %d", len(ders), MaxBlocks)
+	}
+	size := 0
+	for _, der := range ders {
+		size += len(der)
+	}
+	if size > MaxBytes {
+		return nil, tooLarge("%d bytes of certificates, more than the limit of %d", size, MaxBytes)
 	}
 	certs := make([]*x509.Certificate, len(ders))
 	for i, der := range ders {

@@ -1,6 +1,7 @@
 package pemutil_test
 
 import (
+	"bytes"
 	"encoding/pem"
 	"testing"
 
@@ -59,4 +60,45 @@ func FuzzParseCertificates(f *testing.F) {
 			require.Len(t, again, len(certs))
 		}
 	})
+}
+
+// TestLimits: input over MaxBytes or MaxBlocks is refused before it is
+// decoded, with an error matching ErrTooLarge.
+func TestLimits(t *testing.T) {
+	block := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte{0}})
+	for _, tt := range []struct {
+		name string
+		fn   func() error
+		err  string
+	}{
+		{"too many blocks", func() error {
+			_, err := pemutil.ParseCertificates(bytes.Repeat(block, pemutil.MaxBlocks+1))
+			return err
+		}, "pemutil: 501 PEM blocks, more than the limit of 500"},
+		{"too many blocks, others passed over", func() error {
+			_, err := pemutil.FindCertificates(bytes.Repeat(pem.EncodeToMemory(&pem.Block{Type: "X"}), pemutil.MaxBlocks+1))
+			return err
+		}, "pemutil: 501 PEM blocks, more than the limit of 500"},
+		{"too many bytes", func() error {
+			_, err := pemutil.ParseCertificates(make([]byte, pemutil.MaxBytes+1))
+			return err
+		}, "pemutil: 1048577 bytes of PEM, more than the limit of 1048576"},
+		{"too many DER certificates", func() error {
+			_, err := pemutil.ParseDER(make([][]byte, pemutil.MaxBlocks+1))
+			return err
+		}, "pemutil: 501 certificates, more than the limit of 500"},
+		{"too many DER bytes", func() error {
+			_, err := pemutil.ParseDER([][]byte{make([]byte, pemutil.MaxBytes), {0}})
+			return err
+		}, "pemutil: 1048577 bytes of certificates, more than the limit of 1048576"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			err := tt.fn()
+			require.EqualError(t, err, tt.err)
+			require.ErrorIs(t, err, pemutil.ErrTooLarge)
+		})
+	}
+	// At the bound, blocks are decoded (and here refused as certificates).
+	_, err := pemutil.ParseCertificates(bytes.Repeat(block, pemutil.MaxBlocks))
+	require.NotErrorIs(t, err, pemutil.ErrTooLarge)
 }

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/identity/ban"
 	"github.com/meshca/meshca/identity/federation"
 	adminv1 "github.com/meshca/meshca/proto/meshca/admin/v1"
 	"github.com/meshca/meshca/rotation"
@@ -56,6 +57,10 @@ type AdminOptions struct {
 	// (FailedPrecondition): in Kubernetes mode, peers come from the config,
 	// the same on every replica.
 	FixedPeers string
+
+	// Bans takes and lifts emergency bans (BanAdd, BanRemove, BanList) on
+	// any replica; nil refuses them with FailedPrecondition.
+	Bans *ban.Registry
 }
 
 // maxAdminRequestBytes bounds an admin request: a federation add carries a
@@ -71,7 +76,8 @@ func NewAdminServer(opts AdminOptions) *grpc.Server {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	g := grpc.NewServer(grpc.MaxRecvMsgSize(maxAdminRequestBytes))
+	// adminPeerCreds tell who calls (SO_PEERCRED), for the ban audit.
+	g := grpc.NewServer(grpc.MaxRecvMsgSize(maxAdminRequestBytes), grpc.Creds(adminPeerCreds{}))
 	adminv1.RegisterAdminServiceServer(g, &adminService{opts: opts, audit: opts.Logger.With(slog.Bool("audit", true), slog.String("api", "admin"))})
 	return g
 }
@@ -149,6 +155,12 @@ func adminStatus(err error) *status.Status {
 		return status.New(codes.FailedPrecondition, refused.Error())
 	case errors.Is(err, rotation.ErrNotApplicable):
 		return status.New(codes.FailedPrecondition, err.Error())
+	// The upstream's errors name the upstream and what failed, never a
+	// credential (ca.Upstream's contract).
+	case errors.Is(err, ca.ErrUpstreamUnavailable):
+		return status.New(codes.Unavailable, err.Error()+" (the CA goes on signing with its current intermediate; retry when the upstream is back)")
+	case errors.Is(err, ca.ErrUpstreamDenied):
+		return status.New(codes.FailedPrecondition, err.Error()+" (check the server's credentials and their policy in the upstream)")
 	}
 	return status.New(codes.Internal, err.Error())
 }
@@ -191,7 +203,32 @@ func (a *adminService) status() *adminv1.RootStatusResponse {
 	for _, r := range set.RetiringIssuers {
 		out.RetiringIssuers = append(out.RetiringIssuers, authorityPB("retiring", r.Cert, r.LeavesUntil, false))
 	}
+	if a.opts.Manager != nil {
+		if up, ok := a.opts.Manager.UpstreamStatus(); ok {
+			out.Upstream = upstreamPB(up)
+		}
+	}
 	return out
+}
+
+// upstreamPB is the admin API's form of the upstream's status; unset
+// times stay unset.
+func upstreamPB(up rotation.UpstreamStatus) *adminv1.UpstreamStatus {
+	ts := func(t time.Time) *timestamppb.Timestamp {
+		if t.IsZero() {
+			return nil
+		}
+		return timestamppb.New(t)
+	}
+	return &adminv1.UpstreamStatus{
+		Name:                up.Upstream,
+		Available:           up.Available,
+		LastSuccess:         ts(up.LastSuccess),
+		LastFailure:         ts(up.LastFailure),
+		LastError:           up.LastError,
+		ConsecutiveFailures: int64(up.ConsecutiveFailures),
+		NextAttempt:         ts(up.NextAttempt),
+	}
 }
 
 func authorityPB(state string, c *x509.Certificate, since time.Time, keyHeld bool) *adminv1.Authority {

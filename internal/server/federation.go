@@ -100,6 +100,11 @@ func ParsePeerBundle(td spiffeid.TrustDomain, data []byte) (*spiffebundle.Bundle
 		if err != nil {
 			return nil, fmt.Errorf("the bundle is not a SPIFFE bundle document: %w", err)
 		}
+		// A document of JWT authorities only, or of none ("keys": []),
+		// would be a bootstrap bundle that verifies no endpoint.
+		if len(b.X509Authorities()) == 0 {
+			return nil, errors.New("the bundle has no X.509 authority (no key with \"use\": \"x509-svid\")")
+		}
 		return b, nil
 	}
 	certs, err := pemutil.ParseCertificates(trimmed)

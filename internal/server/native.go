@@ -18,6 +18,10 @@ import (
 // APINative labels the native API in metrics and audit lines.
 const APINative = "native"
 
+// ReasonBadTTL is the reason label of a native Sign request refused
+// because its ttl is not a valid google.protobuf.Duration.
+const ReasonBadTTL = "bad_ttl"
+
 type certificateService struct {
 	meshcav1.UnimplementedCertificateServiceServer
 	s *Server
@@ -26,10 +30,16 @@ type certificateService struct {
 func (c *certificateService) Sign(ctx context.Context, req *meshcav1.SignRequest) (*meshcav1.SignResponse, error) {
 	r := issueRequest{api: APINative, csr: req.GetCsr(), bundleSequence: req.GetBundleSequence()}
 	if ttl := req.GetTtl(); ttl != nil {
-		if err := ttl.CheckValid(); err != nil {
-			return nil, status.Errorf(codes.InvalidArgument, "ttl is not a valid duration: %v", err)
+		if ttl.CheckValid() != nil {
+			// Refused on the shared path, once the caller is known, so
+			// that it is audited and counted as every refusal is. The
+			// message is ours: protobuf's varies on purpose.
+			r.refused = refusef(codes.InvalidArgument, ReasonBadTTL,
+				"ttl is not a valid duration (seconds %d, nanos %d): want seconds within ±10000 years, nanos within ±999999999, both of one sign",
+				ttl.GetSeconds(), ttl.GetNanos())
+		} else {
+			r.ttl = ttl.AsDuration()
 		}
-		r.ttl = ttl.AsDuration()
 	}
 	issued, err := c.s.issue(ctx, r)
 	if err != nil {

@@ -87,6 +87,15 @@ type Options struct {
 	// Linkerd configures Linkerd's identity API,
 	// io.linkerd.proxy.identity.Identity. The zero value leaves it off.
 	Linkerd LinkerdOptions
+
+	// Limits bound what one source or one identity may ask: rate limits
+	// on every API, connections (with LimitListener) and bundle watch
+	// streams. The zero value bounds none of them.
+	Limits Limits
+
+	// Bans, when set, are the emergency bans (*ban.Registry): no front end
+	// issues for a banned identity, nor to a banned caller. Nil bans none.
+	Bans BanList
 }
 
 // Observer learns which bundle sequence each workload holds.
@@ -110,6 +119,8 @@ type Server struct {
 	observer Observer
 	istio    IstioOptions
 	linkerd  LinkerdOptions
+	limits   *limiter
+	bans     BanList
 
 	stopOnce sync.Once
 	stopping chan struct{} // closed by Shutdown
@@ -150,6 +161,10 @@ func New(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("server: registering metrics: %w", err)
 	}
+	limits, err := newLimiter(opts.Limits, opts.Registerer)
+	if err != nil {
+		return nil, err
+	}
 	return &Server{
 		ca:       opts.CA,
 		authn:    opts.Authenticator,
@@ -165,6 +180,8 @@ func New(opts Options) (*Server, error) {
 		fedCache: federatedCache{src: opts.Federated},
 		istio:    istio,
 		linkerd:  linkerd,
+		limits:   limits,
+		bans:     opts.Bans,
 	}, nil
 }
 
@@ -185,6 +202,7 @@ func (s *Server) GRPCServer(tlsConfig *tls.Config, opts ...grpc.ServerOption) *g
 		// bound them, so that watchers cannot pile up on one connection.
 		grpc.MaxConcurrentStreams(maxStreamsPerConn),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.ChainStreamInterceptor(s.limits.streamInterceptor),
 	}, opts...)
 	g := grpc.NewServer(opts...)
 	meshcav1.RegisterCertificateServiceServer(g, &certificateService{s: s})
@@ -331,11 +349,21 @@ func (s *Server) issue(ctx context.Context, r issueRequest) (*ca.Issued, error) 
 	s.audit.LogAttrs(ctx, slog.LevelInfo, "certificate issued", append(attrs,
 		slog.String("result", "issued"),
 		slog.String("serial", issued.Cert.SerialNumber.Text(16)),
-		slog.Time("not_after", issued.Cert.NotAfter))...)
+		slog.Time("not_after", issued.Cert.NotAfter),
+		// Zero asked for the default. A TTL cut by the policy's maximum
+		// or the issuer's expiry is clamped, not refused: say so.
+		slog.Duration("requested_ttl", r.ttl),
+		slog.Duration("ttl", issued.TTL),
+		slog.Bool("ttl_clamped", issued.TTLClamped))...)
 	return issued, nil
 }
 
 func (s *Server) authorizeAndSign(ctx context.Context, r issueRequest) (identity.Caller, *ca.Issued, error) {
+	// The cheapest refusal first: a flooding source costs no token
+	// review and no signature check.
+	if err := s.limits.allowSource(ctx); err != nil {
+		return identity.Caller{}, nil, err
+	}
 	readCredential := r.credential
 	if readCredential == nil {
 		readCredential = credentialFrom
@@ -358,6 +386,16 @@ func (s *Server) authorizeAndSign(ctx context.Context, r issueRequest) (identity
 	if r.refused != nil {
 		return caller, nil, r.refused
 	}
+	// A banned caller (renewing over mTLS, or with a token) is refused
+	// before its CSR costs anything.
+	if err := s.checkBans(caller.ID); err != nil {
+		return caller, nil, err
+	}
+	// One bucket per identity across the APIs, before the CSR's
+	// signature is checked.
+	if err := s.limits.allowIdentity(caller.ID); err != nil {
+		return caller, nil, err
+	}
 	form := r.form
 	if form == nil {
 		form = svidForm{}
@@ -371,6 +409,9 @@ func (s *Server) authorizeAndSign(ctx context.Context, r issueRequest) (identity
 			// Say which name the policy's ID stands for.
 			err = fmt.Errorf("server: identity %q is %q: %w", req.DNSNames[0], req.ID, err)
 		}
+		return caller, nil, err
+	}
+	if err := s.checkBans(req.ID); err != nil {
 		return caller, nil, err
 	}
 	req.TTL = r.ttl
@@ -414,6 +455,7 @@ func toStatus(err error) (*status.Status, string) {
 		authErr *identity.AuthError
 		permErr *identity.PermissionError
 		refused *refusal
+		limited *limitError
 	)
 	switch {
 	// The whole message is sent: errors of the request path never hold a
@@ -421,6 +463,8 @@ func toStatus(err error) (*status.Status, string) {
 	// reason with a message of its own.
 	case errors.As(err, &refused):
 		return status.New(refused.code, err.Error()), refused.reason
+	case errors.As(err, &limited):
+		return limited.status(), ReasonRateLimited
 	case errors.As(err, &csrErr):
 		return status.New(codes.InvalidArgument, err.Error()), string(csrErr.Reason)
 	case errors.As(err, &authErr):

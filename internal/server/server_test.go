@@ -351,7 +351,7 @@ func TestBadInput(t *testing.T) {
 		{name: "no credential", ctx: context.Background(), csr: good, code: codes.Unauthenticated, msg: "identity: no credential", reason: "no_credential"},
 		{name: "unknown token", ctx: withToken("not-a-known-token-at-all"), csr: good, code: codes.Unauthenticated, msg: "identity: bearer token is not known", reason: "unknown_token"},
 		{name: "malformed authorization", ctx: metadata.AppendToOutgoingContext(context.Background(), "authorization", "Basic Zm9vOmJhcg=="), csr: good, code: codes.Unauthenticated, msg: `identity: authorization header is not "Bearer <token>"`, reason: "malformed_token"},
-		{name: "oversized token", ctx: withToken(strings.Repeat("x", identity.MaxTokenLength+1)), csr: good, code: codes.Unauthenticated, msg: "identity: authorization header is 8200 bytes", reason: "malformed_token"},
+		{name: "oversized token", ctx: withToken(strings.Repeat("x", identity.MaxTokenLength+1)), csr: good, code: codes.Unauthenticated, msg: "identity: bearer token is 8193 bytes, more than the limit of 8192", reason: "malformed_token"},
 		{name: "expired client certificate", ctx: context.Background(), conn: h.conn(expiredSVID), csr: good, code: codes.Unauthenticated, msg: "identity: client certificate does not verify against the trust bundle: x509svid: could not verify leaf certificate: x509: certificate has expired or is not yet valid", reason: "bad_certificate"},
 		{name: "foreign client certificate", ctx: context.Background(), conn: h.conn(foreignSVID), csr: good, code: codes.Unauthenticated, msg: "identity: client certificate does not verify against the trust bundle: x509svid: could not verify leaf certificate: x509: certificate signed by unknown authority", reason: "bad_certificate"},
 	} {
@@ -391,7 +391,7 @@ func TestBadInput(t *testing.T) {
 	logs := h.logs.String()
 	require.NotContains(t, logs, demoToken)
 	require.NotContains(t, logs, "not-a-known-token-at-all")
-	require.Equal(t, 24, strings.Count(logs, `"msg":"certificate request denied"`))
+	require.Equal(t, 25, strings.Count(logs, `"msg":"certificate request denied"`), "the table, and the invalid ttl")
 
 	// The server is still healthy and still issues.
 	hc, err := healthpb.NewHealthClient(conn).Check(context.Background(), &healthpb.HealthCheckRequest{})

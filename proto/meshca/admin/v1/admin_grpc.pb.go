@@ -33,6 +33,9 @@ const (
 	AdminService_FederationList_FullMethodName     = "/meshca.admin.v1.AdminService/FederationList"
 	AdminService_FederationShow_FullMethodName     = "/meshca.admin.v1.AdminService/FederationShow"
 	AdminService_FederationRefresh_FullMethodName  = "/meshca.admin.v1.AdminService/FederationRefresh"
+	AdminService_BanAdd_FullMethodName             = "/meshca.admin.v1.AdminService/BanAdd"
+	AdminService_BanRemove_FullMethodName          = "/meshca.admin.v1.AdminService/BanRemove"
+	AdminService_BanList_FullMethodName            = "/meshca.admin.v1.AdminService/BanList"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -82,6 +85,18 @@ type AdminServiceClient interface {
 	// last good bundle, and is in last_error. NOT_FOUND when the trust domain
 	// is not a peer.
 	FederationRefresh(ctx context.Context, in *FederationRefreshRequest, opts ...grpc.CallOption) (*FederationPeer, error)
+	// BanAdd bans a SPIFFE ID, or every ID of a namespace, of this trust
+	// domain: from its return, no certificate is issued for it by this
+	// replica, through any front end, and the others follow within seconds
+	// (Kubernetes mode). A ban of the same target is replaced. Any replica
+	// takes a ban; no leader is needed. Errors: INVALID_ARGUMENT for a bad
+	// target, reason or ttl; RESOURCE_EXHAUSTED over the ban limit.
+	BanAdd(ctx context.Context, in *BanAddRequest, opts ...grpc.CallOption) (*BanAddResponse, error)
+	// BanRemove lifts the ban on a target. NOT_FOUND when it has no ban in
+	// force.
+	BanRemove(ctx context.Context, in *BanRemoveRequest, opts ...grpc.CallOption) (*BanRemoveResponse, error)
+	// BanList returns the bans in force, sorted by target.
+	BanList(ctx context.Context, in *BanListRequest, opts ...grpc.CallOption) (*BanListResponse, error)
 }
 
 type adminServiceClient struct {
@@ -192,6 +207,36 @@ func (c *adminServiceClient) FederationRefresh(ctx context.Context, in *Federati
 	return out, nil
 }
 
+func (c *adminServiceClient) BanAdd(ctx context.Context, in *BanAddRequest, opts ...grpc.CallOption) (*BanAddResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BanAddResponse)
+	err := c.cc.Invoke(ctx, AdminService_BanAdd_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) BanRemove(ctx context.Context, in *BanRemoveRequest, opts ...grpc.CallOption) (*BanRemoveResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BanRemoveResponse)
+	err := c.cc.Invoke(ctx, AdminService_BanRemove_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) BanList(ctx context.Context, in *BanListRequest, opts ...grpc.CallOption) (*BanListResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BanListResponse)
+	err := c.cc.Invoke(ctx, AdminService_BanList_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServiceServer is the server API for AdminService service.
 // All implementations must embed UnimplementedAdminServiceServer
 // for forward compatibility.
@@ -239,6 +284,18 @@ type AdminServiceServer interface {
 	// last good bundle, and is in last_error. NOT_FOUND when the trust domain
 	// is not a peer.
 	FederationRefresh(context.Context, *FederationRefreshRequest) (*FederationPeer, error)
+	// BanAdd bans a SPIFFE ID, or every ID of a namespace, of this trust
+	// domain: from its return, no certificate is issued for it by this
+	// replica, through any front end, and the others follow within seconds
+	// (Kubernetes mode). A ban of the same target is replaced. Any replica
+	// takes a ban; no leader is needed. Errors: INVALID_ARGUMENT for a bad
+	// target, reason or ttl; RESOURCE_EXHAUSTED over the ban limit.
+	BanAdd(context.Context, *BanAddRequest) (*BanAddResponse, error)
+	// BanRemove lifts the ban on a target. NOT_FOUND when it has no ban in
+	// force.
+	BanRemove(context.Context, *BanRemoveRequest) (*BanRemoveResponse, error)
+	// BanList returns the bans in force, sorted by target.
+	BanList(context.Context, *BanListRequest) (*BanListResponse, error)
 	mustEmbedUnimplementedAdminServiceServer()
 }
 
@@ -278,6 +335,15 @@ func (UnimplementedAdminServiceServer) FederationShow(context.Context, *Federati
 }
 func (UnimplementedAdminServiceServer) FederationRefresh(context.Context, *FederationRefreshRequest) (*FederationPeer, error) {
 	return nil, status.Error(codes.Unimplemented, "method FederationRefresh not implemented")
+}
+func (UnimplementedAdminServiceServer) BanAdd(context.Context, *BanAddRequest) (*BanAddResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method BanAdd not implemented")
+}
+func (UnimplementedAdminServiceServer) BanRemove(context.Context, *BanRemoveRequest) (*BanRemoveResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method BanRemove not implemented")
+}
+func (UnimplementedAdminServiceServer) BanList(context.Context, *BanListRequest) (*BanListResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method BanList not implemented")
 }
 func (UnimplementedAdminServiceServer) mustEmbedUnimplementedAdminServiceServer() {}
 func (UnimplementedAdminServiceServer) testEmbeddedByValue()                      {}
@@ -480,6 +546,60 @@ func _AdminService_FederationRefresh_Handler(srv interface{}, ctx context.Contex
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_BanAdd_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BanAddRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).BanAdd(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_BanAdd_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).BanAdd(ctx, req.(*BanAddRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_BanRemove_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BanRemoveRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).BanRemove(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_BanRemove_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).BanRemove(ctx, req.(*BanRemoveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_BanList_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BanListRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).BanList(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_BanList_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).BanList(ctx, req.(*BanListRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AdminService_ServiceDesc is the grpc.ServiceDesc for AdminService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -526,6 +646,18 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "FederationRefresh",
 			Handler:    _AdminService_FederationRefresh_Handler,
+		},
+		{
+			MethodName: "BanAdd",
+			Handler:    _AdminService_BanAdd_Handler,
+		},
+		{
+			MethodName: "BanRemove",
+			Handler:    _AdminService_BanRemove_Handler,
+		},
+		{
+			MethodName: "BanList",
+			Handler:    _AdminService_BanList_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
