@@ -76,6 +76,7 @@ lint_sets=(
   "healthPort=0,metrics.enabled=false,networkPolicy.enabled=false"
   "replicaCount=1,image.digest=sha256:0000000000000000000000000000000000000000000000000000000000000000"
   "networkPolicy.apiServer.cidrs={10.96.0.1/32},networkPolicy.healthFrom[0].ipBlock.cidr=10.0.0.0/8,metrics.podAnnotations=true"
+  "federation.endpoint.enabled=true,federation.endpoint.service.enabled=true,federation.peers[0].trustDomain=b.example,federation.peers[0].url=https://bundle.b.example:8444/,federation.peers[0].profile=https_web,networkPolicy.federationTo[0].ipBlock.cidr=192.0.2.0/24"
 )
 for set in "${lint_sets[@]}"; do
   args=(lint --strict --quiet --kube-version "$KUBE_VERSION" --namespace "$NAMESPACE" "$CHART")

@@ -115,6 +115,7 @@ kubernetes:
   namespace: {{ $ns }}
   tokenAudiences: {{ toJson .Values.kubernetes.tokenAudiences }}
   stateSecret: {{ .Values.kubernetes.stateSecret }}
+  banSecret: {{ .Values.kubernetes.banSecret }}
   leaseName: {{ .Values.kubernetes.leaseName }}
   bundleConfigMap: {{ .Values.kubernetes.bundleConfigMap }}
 istio:
@@ -125,4 +126,163 @@ linkerd:
   audiences: {{ toJson .Values.linkerd.audiences }}
   controlPlaneNamespace: {{ .Values.linkerd.controlPlaneNamespace | quote }}
   clusterDomain: {{ .Values.clusterDomain | quote }}
+{{- $fed := .Values.federation }}
+{{- if or $fed.endpoint.enabled $fed.peers }}
+{{- include "meshca.federation.check" . }}
+federation:
+  {{- if $fed.endpoint.enabled }}
+  endpoint:
+    listenAddress: {{ printf "0.0.0.0:%d" (int $fed.endpoint.port) | quote }}
+    profile: {{ default "https_spiffe" $fed.endpoint.profile }}
+  {{- end }}
+  {{- with $fed.refreshHint }}
+  refreshHint: {{ . | quote }}
+  {{- end }}
+  {{- with $fed.minRefresh }}
+  minRefresh: {{ . | quote }}
+  {{- end }}
+  {{- with $fed.maxRefresh }}
+  maxRefresh: {{ . | quote }}
+  {{- end }}
+  {{- with $fed.peers }}
+  peers:
+    {{- range . }}
+    - trustDomain: {{ .trustDomain | quote }}
+      url: {{ .url | quote }}
+      profile: {{ .profile }}
+      {{- if eq .profile "https_spiffe" }}
+      endpointID: {{ .endpointID | quote }}
+      bundleFile: {{ include "meshca.configDir" $ }}/{{ include "meshca.peerBundleKey" .trustDomain }}
+      {{- else if .webCA }}
+      webCAFile: {{ include "meshca.configDir" $ }}/{{ include "meshca.peerWebCAKey" .trustDomain }}
+      {{- end }}
+    {{- end }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Where the config ConfigMap is mounted: config.yaml and the peers' files.
+*/}}
+{{- define "meshca.configDir" -}}
+/etc/meshca
+{{- end }}
+
+{{/*
+Keys of a federation peer's files in the config ConfigMap, from its trust
+domain name (lowercase letters, digits, ".", "-" and "_": all valid in a
+key).
+*/}}
+{{- define "meshca.peerBundleKey" -}}
+{{- printf "peer.%s.bundle" . }}
+{{- end }}
+
+{{- define "meshca.peerWebCAKey" -}}
+{{- printf "peer.%s.web-ca.pem" . }}
+{{- end }}
+
+{{/*
+The federation peers' files, as the data of a ConfigMap (YAML; empty when
+there are none): each https_spiffe peer's bootstrap bundle and each
+https_web peer's CA.
+*/}}
+{{- define "meshca.peerFiles" -}}
+{{- $files := dict }}
+{{- range .Values.federation.peers }}
+{{- if eq .profile "https_spiffe" }}
+{{- $_ := set $files (include "meshca.peerBundleKey" .trustDomain) .bundle }}
+{{- else if .webCA }}
+{{- $_ := set $files (include "meshca.peerWebCAKey" .trustDomain) .webCA }}
+{{- end }}
+{{- end }}
+{{- with $files }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The ports of the federation peers' URLs (443 when a URL names none), for
+the NetworkPolicy's egress, one line each.
+*/}}
+{{- define "meshca.peerPorts" -}}
+{{- $ports := list }}
+{{- range .Values.federation.peers }}
+{{- $port := "443" }}
+{{- with regexFind ":[0-9]+$" (urlParse .url).host }}
+{{- $port = trimPrefix ":" . }}
+{{- end }}
+{{- $ports = append $ports $port }}
+{{- end }}
+{{- join "\n" (uniq $ports) }}
+{{- end }}
+
+{{/*
+Checks the federation values and fails with what is wrong; meshca-server
+checks them again, in full, at start. The endpoint's profile https_web is
+not offered: see the README.
+*/}}
+{{- define "meshca.federation.check" -}}
+{{- $fed := .Values.federation }}
+{{- if $fed.endpoint.enabled }}
+{{- $profile := toString (default "https_spiffe" $fed.endpoint.profile) }}
+{{- if eq $profile "https_web" }}
+{{- fail "federation.endpoint.profile https_web is not offered by the chart: meshca-server refuses a key file that group or others can read, and the kubelet makes Secret-mounted files group-readable (0440) under the pod's fsGroup (without it, user 65532 cannot read them at all). Use https_spiffe, or put a TLS-terminating proxy with a Web PKI certificate in front of the endpoint (deploy/helm/meshca/README.md)" }}
+{{- else if ne $profile "https_spiffe" }}
+{{- fail (printf "federation.endpoint.profile %q: want https_spiffe" $profile) }}
+{{- end }}
+{{- $port := int $fed.endpoint.port }}
+{{- if or (lt $port 1) (gt $port 65535) }}
+{{- fail (printf "federation.endpoint.port %v: want a port number" $fed.endpoint.port) }}
+{{- end }}
+{{- $taken := list (int .Values.grpcPort) (int .Values.healthPort) }}
+{{- if .Values.metrics.enabled }}
+{{- $taken = append $taken (int .Values.metrics.port) }}
+{{- end }}
+{{- if has $port $taken }}
+{{- fail (printf "federation.endpoint.port %d is already one of the server's other ports" $port) }}
+{{- end }}
+{{- end }}
+{{- $seen := dict }}
+{{- range $i, $p := $fed.peers }}
+{{- $at := printf "federation.peers[%d]" $i }}
+{{- $td := toString (default "" $p.trustDomain) }}
+{{- $url := toString (default "" $p.url) }}
+{{- $profile := toString (default "" $p.profile) }}
+{{- if not $td }}
+{{- fail (printf "%s: trustDomain is required" $at) }}
+{{- end }}
+{{- if not (regexMatch "^[a-z0-9._-]+$" $td) }}
+{{- fail (printf "%s: trustDomain %q: want a trust domain name (lowercase letters, digits, \".\", \"-\" and \"_\")" $at $td) }}
+{{- end }}
+{{- if gt (len (include "meshca.peerWebCAKey" $td)) 253 }}
+{{- fail (printf "%s: trustDomain %q is too long for a ConfigMap key of its files" $at $td) }}
+{{- end }}
+{{- if eq $td $.Values.trustDomain }}
+{{- fail (printf "%s: trustDomain %q is this server's own" $at $td) }}
+{{- end }}
+{{- if hasKey $seen $td }}
+{{- fail (printf "%s: trust domain %q appears more than once" $at $td) }}
+{{- end }}
+{{- $_ := set $seen $td true }}
+{{- if not (hasPrefix "https://" $url) }}
+{{- fail (printf "%s: %s: url %q: want the https URL of the peer's bundle endpoint" $at $td $url) }}
+{{- end }}
+{{- if eq $profile "https_spiffe" }}
+{{- if not $p.endpointID }}
+{{- fail (printf "%s: %s: profile https_spiffe needs endpointID, the SPIFFE ID the endpoint presents (a meshca peer's is spiffe://%s/meshca/server)" $at $td $td) }}
+{{- end }}
+{{- if not $p.bundle }}
+{{- fail (printf "%s: %s: profile https_spiffe needs bundle, the peer's bundle obtained out of band, PEM or SPIFFE JSON (--set-file %s.bundle=<file>)" $at $td $at) }}
+{{- end }}
+{{- if $p.webCA }}
+{{- fail (printf "%s: %s: webCA is for profile https_web" $at $td) }}
+{{- end }}
+{{- else if eq $profile "https_web" }}
+{{- if or $p.endpointID $p.bundle }}
+{{- fail (printf "%s: %s: endpointID and bundle are for profile https_spiffe" $at $td) }}
+{{- end }}
+{{- else }}
+{{- fail (printf "%s: %s: profile %q: want https_spiffe or https_web" $at $td $profile) }}
+{{- end }}
+{{- end }}
 {{- end }}
