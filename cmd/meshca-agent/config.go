@@ -138,6 +138,11 @@ func (d *Duration) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
+// MarshalJSON writes a duration string, which UnmarshalJSON reads back.
+func (d Duration) MarshalJSON() ([]byte, error) {
+	return json.Marshal(time.Duration(d).String())
+}
+
 // FileMode is a file mode written as an octal string ("0660").
 type FileMode fs.FileMode
 
