@@ -1,6 +1,8 @@
 package kubetest
 
 import (
+	"github.com/meshca/meshca/internal/testproc"
+
 	"context"
 	"crypto/ecdsa"
 	"crypto/rand"
@@ -71,8 +73,8 @@ type Cluster struct {
 	ServiceAccountKey *ecdsa.PrivateKey
 
 	dir       string
-	etcd      *process
-	apiserver *process
+	etcd      *testproc.Process
+	apiserver *testproc.Process
 	stopOnce  sync.Once
 }
 
@@ -88,7 +90,7 @@ func Start(t testing.TB) *Cluster {
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("kubetest: the cluster's logs, as the test failed:%s%s", c.apiserver.tail(logLines), c.etcd.tail(logLines))
+			t.Logf("kubetest: the cluster's logs, as the test failed:%s%s", c.apiserver.Tail(logLines), c.etcd.Tail(logLines))
 		}
 		c.stop()
 	})
@@ -212,7 +214,7 @@ func startOnce(etcdBin, apiserverBin string) (_ *Cluster, err error) {
 	c := &Cluster{dir: dir, APIAudiences: append([]string(nil), apiAudiences...)}
 	defer func() {
 		if err != nil {
-			logs := c.apiserver.tail(logLines) + c.etcd.tail(logLines)
+			logs := c.apiserver.Tail(logLines) + c.etcd.Tail(logLines)
 			if strings.Contains(logs, "address already in use") {
 				err = fmt.Errorf("%w: %w", errPortTaken, err)
 			}
@@ -233,7 +235,7 @@ func startOnce(etcdBin, apiserverBin string) (_ *Cluster, err error) {
 	peerURL := "http://127.0.0.1:" + strconv.Itoa(ports[1])
 	securePort := ports[2]
 
-	c.etcd, err = startProcess("etcd", etcdBin, []string{
+	c.etcd, err = testproc.Start("etcd", etcdBin, []string{
 		"--name=kubetest",
 		"--data-dir=" + filepath.Join(dir, "etcd"),
 		"--listen-client-urls=" + clientURL,
@@ -242,7 +244,7 @@ func startOnce(etcdBin, apiserverBin string) (_ *Cluster, err error) {
 		"--initial-advertise-peer-urls=" + peerURL,
 		"--initial-cluster=kubetest=" + peerURL,
 		"--initial-cluster-state=new",
-	}, filepath.Join(dir, "etcd.log"))
+	}, nil, filepath.Join(dir, "etcd.log"))
 	if err != nil {
 		return nil, err
 	}
@@ -252,7 +254,7 @@ func startOnce(etcdBin, apiserverBin string) (_ *Cluster, err error) {
 		return nil, err
 	}
 
-	c.apiserver, err = startProcess("kube-apiserver", apiserverBin, []string{
+	c.apiserver, err = testproc.Start("kube-apiserver", apiserverBin, []string{
 		"--etcd-servers=" + clientURL,
 		"--bind-address=127.0.0.1",
 		"--advertise-address=127.0.0.1",
@@ -273,7 +275,7 @@ func startOnce(etcdBin, apiserverBin string) (_ *Cluster, err error) {
 		"--disable-admission-plugins=ServiceAccount",
 		"--allow-privileged=true",
 		"--profiling=false",
-	}, filepath.Join(dir, "kube-apiserver.log"))
+	}, nil, filepath.Join(dir, "kube-apiserver.log"))
 	if err != nil {
 		return nil, err
 	}
@@ -352,12 +354,12 @@ func freePorts(n int) ([]int, error) {
 }
 
 // waitETCD waits until etcd reports itself healthy.
-func waitETCD(ctx context.Context, etcd *process, clientURL string) error {
+func waitETCD(ctx context.Context, etcd *testproc.Process, clientURL string) error {
 	client := &http.Client{Timeout: 2 * time.Second}
 	var last string
 	for {
-		if done, err := etcd.exited(); done {
-			return fmt.Errorf("kubetest: etcd exited while starting: %w", exitError(err))
+		if done, err := etcd.Exited(); done {
+			return fmt.Errorf("kubetest: etcd exited while starting: %w", testproc.ExitError(err))
 		}
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, clientURL+"/health", nil)
 		if err != nil {
@@ -378,7 +380,7 @@ func waitETCD(ctx context.Context, etcd *process, clientURL string) error {
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("kubetest: etcd not healthy after %s: %s", startTimeout, last)
-		case <-etcd.done:
+		case <-etcd.Done():
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
@@ -396,11 +398,11 @@ func (c *Cluster) waitReady(ctx context.Context, host string) error {
 
 	var last string
 	for {
-		if done, err := c.apiserver.exited(); done {
-			return fmt.Errorf("kubetest: kube-apiserver exited while starting: %w", exitError(err))
+		if done, err := c.apiserver.Exited(); done {
+			return fmt.Errorf("kubetest: kube-apiserver exited while starting: %w", testproc.ExitError(err))
 		}
-		if done, err := c.etcd.exited(); done {
-			return fmt.Errorf("kubetest: etcd exited while kube-apiserver was starting: %w", exitError(err))
+		if done, err := c.etcd.Exited(); done {
+			return fmt.Errorf("kubetest: etcd exited while kube-apiserver was starting: %w", testproc.ExitError(err))
 		}
 		callCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		body, err := client.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(callCtx)
@@ -415,7 +417,7 @@ func (c *Cluster) waitReady(ctx context.Context, host string) error {
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("kubetest: kube-apiserver not ready after %s: %s", startTimeout, last)
-		case <-c.apiserver.done:
+		case <-c.apiserver.Done():
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
@@ -424,8 +426,8 @@ func (c *Cluster) waitReady(ctx context.Context, host string) error {
 // stop stops kube-apiserver, then etcd, and removes the cluster's files.
 func (c *Cluster) stop() {
 	c.stopOnce.Do(func() {
-		c.apiserver.stop(stopGrace)
-		c.etcd.stop(stopGrace)
+		c.apiserver.Stop(stopGrace)
+		c.etcd.Stop(stopGrace)
 		_ = os.RemoveAll(c.dir)
 	})
 }

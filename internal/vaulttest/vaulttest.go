@@ -1,6 +1,8 @@
 package vaulttest
 
 import (
+	"github.com/meshca/meshca/internal/testproc"
+
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -66,7 +68,7 @@ type Server struct {
 	unsealKey string
 
 	mu       sync.Mutex // guards proc
-	proc     *process
+	proc     *testproc.Process
 	stopOnce sync.Once
 }
 
@@ -98,7 +100,7 @@ func Start(t testing.TB, opts ...Option) *Server {
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("vaulttest: the server's log, as the test failed:%s", s.current().tail(logLines))
+			t.Logf("vaulttest: the server's log, as the test failed:%s", s.current().Tail(logLines))
 		}
 		s.stop()
 	})
@@ -215,7 +217,7 @@ func startOnce(o options, bin string) (_ *Server, err error) {
 	s := &Server{opts: o, bin: bin, dir: dir}
 	defer func() {
 		if err != nil {
-			logs := s.proc.tail(logLines)
+			logs := s.proc.Tail(logLines)
 			if strings.Contains(logs, "address already in use") {
 				err = fmt.Errorf("%w: %w", errPortTaken, err)
 			}
@@ -285,7 +287,7 @@ func (s *Server) launch(extra ...string) error {
 	// ~/.vault-token) reaches the server.
 	env := []string{"HOME=" + s.dir, "PATH=" + os.Getenv("PATH"), "VAULT_LOG_LEVEL=info"}
 	logPath := filepath.Join(s.dir, fmt.Sprintf("vault-%d.log", time.Now().UnixNano()))
-	p, err := startProcess("vault", s.bin, args, env, logPath)
+	p, err := testproc.Start("vault", s.bin, args, env, logPath)
 	if err != nil {
 		return err
 	}
@@ -295,7 +297,7 @@ func (s *Server) launch(extra ...string) error {
 	return nil
 }
 
-func (s *Server) current() *process {
+func (s *Server) current() *testproc.Process {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.proc
@@ -339,13 +341,13 @@ func (s *Server) waitFile(ctx context.Context, path string) error {
 		if info, err := os.Stat(path); err == nil && info.Size() > 0 {
 			return nil
 		}
-		if done, err := p.exited(); done {
-			return fmt.Errorf("vaulttest: vault exited while starting: %w", exitError(err))
+		if done, err := p.Exited(); done {
+			return fmt.Errorf("vaulttest: vault exited while starting: %w", testproc.ExitError(err))
 		}
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("vaulttest: vault wrote no %s in %s", filepath.Base(path), startTimeout)
-		case <-p.done:
+		case <-p.Done():
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
@@ -357,8 +359,8 @@ func (s *Server) waitHealthy(ctx context.Context, unsealed bool) error {
 	var last string
 	p := s.current()
 	for {
-		if done, err := p.exited(); done {
-			return fmt.Errorf("vaulttest: vault exited while starting: %w", exitError(err))
+		if done, err := p.Exited(); done {
+			return fmt.Errorf("vaulttest: vault exited while starting: %w", testproc.ExitError(err))
 		}
 		callCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		health, err := s.Client.Sys().HealthWithContext(callCtx)
@@ -376,7 +378,7 @@ func (s *Server) waitHealthy(ctx context.Context, unsealed bool) error {
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("vaulttest: vault not ready after %s: %s", startTimeout, last)
-		case <-p.done:
+		case <-p.Done():
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
@@ -387,7 +389,7 @@ var unsealKeyLine = regexp.MustCompile(`(?m)^Unseal Key: (\S+)$`)
 func (s *Server) waitUnsealKey(ctx context.Context) (string, error) {
 	p := s.current()
 	for {
-		data, err := os.ReadFile(p.logPath)
+		data, err := os.ReadFile(p.LogPath())
 		if err != nil {
 			return "", fmt.Errorf("vaulttest: reading the server's output: %w", err)
 		}
@@ -397,7 +399,7 @@ func (s *Server) waitUnsealKey(ctx context.Context) (string, error) {
 		select {
 		case <-ctx.Done():
 			return "", fmt.Errorf("vaulttest: the dev server printed no unseal key in %s", startTimeout)
-		case <-p.done:
+		case <-p.Done():
 			return "", errors.New("vaulttest: vault exited before it printed its unseal key")
 		case <-time.After(20 * time.Millisecond):
 		}
@@ -408,7 +410,7 @@ func (s *Server) waitUnsealKey(ctx context.Context) (string, error) {
 // address refuses connections until Restart. Not for a Shared server.
 func (s *Server) Stop(t testing.TB) {
 	t.Helper()
-	s.current().stop(stopGrace)
+	s.current().Stop(stopGrace)
 }
 
 // Restart starts a stopped server again at the same address with the
@@ -420,7 +422,7 @@ func (s *Server) Restart(t testing.TB) {
 	if s.opts.tls {
 		t.Fatal("vaulttest: a server started WithTLS cannot be restarted: dev mode makes a new CA at every start")
 	}
-	if done, _ := s.current().exited(); !done {
+	if done, _ := s.current().Exited(); !done {
 		t.Fatal("vaulttest: Restart of a server that is running; Stop it first")
 	}
 	ctx, cancel := context.WithTimeout(t.Context(), startTimeout)
@@ -431,20 +433,20 @@ func (s *Server) Restart(t testing.TB) {
 		t.Fatal(err)
 	}
 	if err := s.waitHealthy(ctx, false); err != nil {
-		t.Fatalf("%v%s", err, s.current().tail(logLines))
+		t.Fatalf("%v%s", err, s.current().Tail(logLines))
 	}
 	if _, err := s.Client.Sys().UnsealWithContext(ctx, s.unsealKey); err != nil {
-		t.Fatalf("vaulttest: unsealing the restarted server: %v%s", err, s.current().tail(logLines))
+		t.Fatalf("vaulttest: unsealing the restarted server: %v%s", err, s.current().Tail(logLines))
 	}
 	if err := s.waitHealthy(ctx, true); err != nil {
-		t.Fatalf("%v%s", err, s.current().tail(logLines))
+		t.Fatalf("%v%s", err, s.current().Tail(logLines))
 	}
 }
 
 // stop stops the server and removes its files.
 func (s *Server) stop() {
 	s.stopOnce.Do(func() {
-		s.current().stop(stopGrace)
+		s.current().Stop(stopGrace)
 		_ = os.RemoveAll(s.dir)
 	})
 }

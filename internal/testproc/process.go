@@ -1,4 +1,8 @@
-package vaulttest
+// Package testproc runs the real servers of the integration tests
+// (kube-apiserver, etcd, Vault) as child processes: output to a log file,
+// a stop that asks before it kills, and the log's tail for a failure
+// message. Children die with the test binary on Linux.
+package testproc
 
 import (
 	"bytes"
@@ -12,8 +16,8 @@ import (
 	"time"
 )
 
-// process is a child process whose output goes to a log file.
-type process struct {
+// Process is a child process whose output goes to a log file.
+type Process struct {
 	name    string
 	cmd     *exec.Cmd
 	logPath string
@@ -21,12 +25,13 @@ type process struct {
 	err     error         // what Wait returned; read only after done
 }
 
-// startProcess starts bin with args in the environment env, its stdout
-// and stderr in logPath.
-func startProcess(name, bin string, args, env []string, logPath string) (*process, error) {
+// Start starts bin with args in the environment env (nil: this
+// process's), its stdout and stderr in logPath. name names it in errors
+// and in Tail.
+func Start(name, bin string, args, env []string, logPath string) (*Process, error) {
 	logFile, err := os.Create(logPath)
 	if err != nil {
-		return nil, fmt.Errorf("vaulttest: creating the %s log: %w", name, err)
+		return nil, fmt.Errorf("testproc: creating the %s log: %w", name, err)
 	}
 	cmd := exec.Command(bin, args...)
 	cmd.Env = env
@@ -35,9 +40,9 @@ func startProcess(name, bin string, args, env []string, logPath string) (*proces
 	cmd.SysProcAttr = sysProcAttr()
 	if err := cmd.Start(); err != nil {
 		logFile.Close()
-		return nil, fmt.Errorf("vaulttest: starting %s: %w", name, err)
+		return nil, fmt.Errorf("testproc: starting %s: %w", name, err)
 	}
-	p := &process{name: name, cmd: cmd, logPath: logPath, done: make(chan struct{})}
+	p := &Process{name: name, cmd: cmd, logPath: logPath, done: make(chan struct{})}
 	go func() {
 		p.err = cmd.Wait()
 		logFile.Close()
@@ -46,8 +51,14 @@ func startProcess(name, bin string, args, env []string, logPath string) (*proces
 	return p, nil
 }
 
-// exited reports whether the process has ended, and how.
-func (p *process) exited() (bool, error) {
+// Done is closed when the process has exited.
+func (p *Process) Done() <-chan struct{} { return p.done }
+
+// LogPath is the file the process writes its output to.
+func (p *Process) LogPath() string { return p.logPath }
+
+// Exited reports whether the process has ended, and how.
+func (p *Process) Exited() (bool, error) {
 	select {
 	case <-p.done:
 		return true, p.err
@@ -56,22 +67,22 @@ func (p *process) exited() (bool, error) {
 	}
 }
 
-// exitError is what Wait returned, or, for a process that ended well,
+// ExitError is what Wait returned, or, for a process that ended well,
 // an error saying so (a server should not end by itself).
-func exitError(err error) error {
+func ExitError(err error) error {
 	if err == nil {
 		return errors.New("exit status 0")
 	}
 	return err
 }
 
-// stop asks the process to end (SIGTERM), and kills it when it has not
-// within grace.
-func (p *process) stop(grace time.Duration) {
+// Stop asks the process to end (SIGTERM), and kills it when it has not
+// within grace. A nil Process is a no-op.
+func (p *Process) Stop(grace time.Duration) {
 	if p == nil {
 		return
 	}
-	if done, _ := p.exited(); done {
+	if done, _ := p.Exited(); done {
 		return
 	}
 	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
@@ -87,9 +98,9 @@ func (p *process) stop(grace time.Duration) {
 	}
 }
 
-// tail is the end of the process's log, at most n lines, framed for an
-// error message.
-func (p *process) tail(n int) string {
+// Tail is the end of the process's log, at most n lines, framed for an
+// error message. A nil Process has none.
+func (p *Process) Tail(n int) string {
 	if p == nil {
 		return ""
 	}
