@@ -3,6 +3,9 @@ package federation
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -150,8 +153,22 @@ func parseBundle(td spiffeid.TrustDomain, doc []byte) (*spiffebundle.Bundle, *Fe
 	return b, nil
 }
 
-// checkAuthorities checks that b has an X.509 authority and that none
-// carries the SPIFFE ID of a trust domain other than td. (The bundle
+// CheckKey refuses an X.509 authority whose public key is of no
+// algorithm it can verify with. x509 parses a certificate whose key
+// algorithm it does not know, with a nil key: such an authority verifies
+// nothing, and its bundle could not be encoded again (for the store, the
+// ConfigMaps and Sign responses).
+func CheckKey(c *x509.Certificate) error {
+	switch c.PublicKey.(type) {
+	case *ecdsa.PublicKey, *rsa.PublicKey, ed25519.PublicKey:
+		return nil
+	}
+	return fmt.Errorf("X.509 authority %q has a public key of an unsupported algorithm (%s)", c.Subject, c.PublicKeyAlgorithm)
+}
+
+// checkAuthorities checks that b has an X.509 authority, each with a
+// usable key, and that none carries the SPIFFE ID of a trust domain other
+// than td. (The bundle
 // document does not name its trust domain; a root's SPIFFE ID, which
 // meshca's and SPIRE's roots carry, is the one sign of it.)
 func checkAuthorities(td spiffeid.TrustDomain, b *spiffebundle.Bundle) *FetchError {
@@ -161,6 +178,9 @@ func checkAuthorities(td spiffeid.TrustDomain, b *spiffebundle.Bundle) *FetchErr
 			Err: errors.New(`the bundle holds no X.509 authority (no key with "use": "x509-svid")`)}
 	}
 	for _, c := range auths {
+		if err := CheckKey(c); err != nil {
+			return &FetchError{TrustDomain: td, Reason: ReasonMalformed, Err: err}
+		}
 		for _, u := range c.URIs {
 			if u.Scheme != "spiffe" {
 				continue

@@ -105,11 +105,22 @@ func ParsePeerBundle(td spiffeid.TrustDomain, data []byte) (*spiffebundle.Bundle
 		if len(b.X509Authorities()) == 0 {
 			return nil, errors.New("the bundle has no X.509 authority (no key with \"use\": \"x509-svid\")")
 		}
-		return b, nil
+		return checkedPeerBundle(b)
 	}
 	certs, err := pemutil.ParseCertificates(trimmed)
 	if err != nil {
 		return nil, fmt.Errorf("the bundle is neither a SPIFFE bundle document (JSON) nor PEM certificates: %w", err)
 	}
-	return spiffebundle.FromX509Authorities(td, certs), nil
+	return checkedPeerBundle(spiffebundle.FromX509Authorities(td, certs))
+}
+
+// checkedPeerBundle refuses a bundle with an authority of an unusable key,
+// as the federator refuses one fetched.
+func checkedPeerBundle(b *spiffebundle.Bundle) (*spiffebundle.Bundle, error) {
+	for _, c := range b.X509Authorities() {
+		if err := federation.CheckKey(c); err != nil {
+			return nil, err
+		}
+	}
+	return b, nil
 }
