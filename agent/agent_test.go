@@ -29,6 +29,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/meshca/meshca/agent"
 	"github.com/meshca/meshca/agent/files"
@@ -230,21 +231,28 @@ func TestMTLSBetweenWorkloadsOfTwoAgents(t *testing.T) {
 	require.ErrorContains(t, err, `unexpected ID "spiffe://example.org/ns/shop/sa/db"`)
 }
 
-// TestFederatedBundlesReachWorkloads runs meshca's server with an
-// interceptor that adds a federated bundle to every Sign response, as
-// the server will once federation is built: the bundle reaches the
+// TestFederatedBundlesReachWorkloads runs meshca's server with
+// interceptors that add a federated bundle to every Sign response and
+// every bundle stream update, as a federating server sends them (both
+// carry the whole federated set, so both must): the bundle reaches the
 // workload in FetchX509Bundles and in FetchX509SVID's federated_bundles.
 func TestFederatedBundlesReachWorkloads(t *testing.T) {
 	otherTD := spiffeid.RequireTrustDomainFromString("other.org")
 	other := testca.New(t, otherTD)
-	federate := grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	federated := func() []*meshcav1.TrustBundle {
+		return []*meshcav1.TrustBundle{{TrustDomain: otherTD.Name(), X509Authorities: [][]byte{other.Cert.Raw}, Sequence: 1}}
+	}
+	federateSign := grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 		resp, err := handler(ctx, req)
 		if sign, ok := resp.(*meshcav1.SignResponse); ok && err == nil {
-			sign.FederatedBundles = []*meshcav1.TrustBundle{{TrustDomain: otherTD.Name(), X509Authorities: [][]byte{other.Cert.Raw}, Sequence: 1}}
+			sign.FederatedBundles = federated()
 		}
 		return resp, err
 	})
-	m := startMeshca(t, federate)
+	federateStream := grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		return handler(srv, federatingStream{ServerStream: ss, federated: federated})
+	})
+	m := startMeshca(t, federateSign, federateStream)
 	a := startAgent(t, agentConfig(t, m, webID))
 	ctx := testContext(t)
 
@@ -433,4 +441,20 @@ func TestTheFilesOfAnotherIdentityAreNotServed(t *testing.T) {
 	onDisk, err := w.Load()
 	require.NoError(t, err)
 	require.Equal(t, webID, onDisk.ID)
+}
+
+// federatingStream adds the federated bundles to every bundle stream
+// update the server sends.
+type federatingStream struct {
+	grpc.ServerStream
+	federated func() []*meshcav1.TrustBundle
+}
+
+func (f federatingStream) SendMsg(m any) error {
+	if u, ok := m.(*meshcav1.BundleUpdate); ok {
+		u = proto.CloneOf(u)
+		u.FederatedBundles = f.federated()
+		m = u
+	}
+	return f.ServerStream.SendMsg(m)
 }
