@@ -1,6 +1,8 @@
 package rotation_test
 
 import (
+	"time"
+
 	"context"
 	"crypto/x509"
 	"testing"
@@ -58,6 +60,10 @@ func TestFederatedBundlesFollowSignResponses(t *testing.T) {
 	// (the first is taken), a trust domain that does not parse. third.org
 	// is new.
 	rotated := testca.New(t, anotherTD)
+	// The watch's first update carries the federated bundles of the
+	// moment it opens: let it open first, so that the set below comes by
+	// the Sign response alone, and is checked (and logged) once.
+	require.Eventually(t, func() bool { return h.ca.watching(1) }, realTimeout, time.Millisecond, "the bundle watch never opened")
 	h.ca.setFederated(
 		&meshcav1.TrustBundle{TrustDomain: otherTD.Name(), X509Authorities: [][]byte{[]byte("not DER")}},
 		federatedMsg(sourceTD, h.ca.root),
