@@ -30,8 +30,14 @@ func (p TTLPolicy) TTL(requested time.Duration) time.Duration {
 			ttl = DefaultTTL
 		}
 	}
-	return min(ttl, p.Longest())
+	// X.509 times have whole seconds: under a second, NotAfter could round
+	// down to the moment of issue, and the certificate be born expired
+	// (found by FuzzNativeSign).
+	return max(min(ttl, p.Longest()), MinTTL)
 }
+
+// MinTTL is the shortest lifetime issued; a shorter request gets it.
+const MinTTL = time.Second
 
 // Longest returns the longest lifetime the policy issues.
 func (p TTLPolicy) Longest() time.Duration {
