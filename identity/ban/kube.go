@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
+	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -21,8 +23,13 @@ const SecretKey = "bans.json"
 // DefaultSecretName is the Secret's name when KubeOptions.Name is empty.
 const DefaultSecretName = "meshca-bans"
 
-// updateAttempts bounds the read-modify-write rounds of one Update.
-const updateAttempts = 10
+// updateAttempts bounds the read-modify-write rounds of one Update, and
+// updateBackoff is the wait before the second; it doubles, with jitter,
+// so replicas that keep colliding fall out of step.
+const (
+	updateAttempts = 10
+	updateBackoff  = 10 * time.Millisecond
+)
 
 // watchBackoff bounds the wait before a broken watch is tried again.
 const (
@@ -54,6 +61,10 @@ type KubeStore struct {
 	namespace string
 	name      string
 	log       *slog.Logger
+
+	// writing makes one replica's Updates take turns, so that only
+	// other replicas' writes can conflict with one.
+	writing sync.Mutex
 }
 
 var (
@@ -101,12 +112,24 @@ func (s *KubeStore) get(ctx context.Context) (*corev1.Secret, []Ban, error) {
 
 // Update applies fn to the Secret's bans and writes the result over the
 // version read; when another writer got there first, it reads again and
-// applies fn again, up to updateAttempts times. A Secret whose bans do
-// not decode is never overwritten.
+// applies fn again after a jittered backoff, up to updateAttempts times.
+// A Secret whose bans do not decode is never overwritten.
 func (s *KubeStore) Update(ctx context.Context, fn func([]Ban) ([]Ban, error)) ([]Ban, error) {
+	s.writing.Lock()
+	defer s.writing.Unlock()
 	secrets := s.client.Secrets(s.namespace)
 	var lastErr error
-	for range updateAttempts {
+	backoff := updateBackoff
+	for attempt := range updateAttempts {
+		if attempt > 0 {
+			wait := backoff/2 + rand.N(backoff)
+			backoff *= 2
+			select {
+			case <-ctx.Done():
+				return nil, fmt.Errorf("ban: writing Secret %s/%s: %w (last conflict: %w)", s.namespace, s.name, ctx.Err(), lastErr)
+			case <-time.After(wait):
+			}
+		}
 		secret, bans, err := s.get(ctx)
 		if err != nil {
 			return nil, err
