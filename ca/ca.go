@@ -110,6 +110,16 @@ func (c *CA) snapshot() *snapshot {
 	return c.current
 }
 
+// createLeaf signs tmpl with crypto/x509, for an issuer off the fast path
+// (signLeaf): CreateCertificate checks the signature it makes.
+func createLeaf(tmpl *x509.Certificate, issuer Authority, pub any) (*x509.Certificate, error) {
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, issuer.Cert, pub, issuer.Signer)
+	if err != nil {
+		return nil, err
+	}
+	return x509.ParseCertificate(der)
+}
+
 // Authorities returns the current authority set. It must not be modified.
 func (c *CA) Authorities() *AuthoritySet { return c.snapshot().set }
 
@@ -196,19 +206,15 @@ func (c *CA) Sign(ctx context.Context, req SignRequest) (*Issued, error) {
 		return nil, err
 	}
 	tmpl := leafTemplate(req, serial, notBefore, notAfter)
-	var der []byte
+	var cert *x509.Certificate
 	key, fast := fastSigner(tmpl, issuer)
 	if fast {
-		der, err = signLeaf(tmpl, issuer.Cert, req.PublicKey, key)
+		cert, err = signLeaf(tmpl, issuer.Cert, req.PublicKey, key)
 	} else {
-		der, err = x509.CreateCertificate(rand.Reader, tmpl, issuer.Cert, req.PublicKey, issuer.Signer)
+		cert, err = createLeaf(tmpl, issuer, req.PublicKey)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("ca: signing %q: %w", req.ID, err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, fmt.Errorf("ca: parsing the certificate just signed: %w", err)
 	}
 	if fast && !s.verified.Load() {
 		if err := cert.CheckSignatureFrom(issuer.Cert); err != nil {

@@ -50,6 +50,11 @@ func TestSignMatchesCreateCertificate(t *testing.T) {
 			issued, err := c.Sign(context.Background(), ca.SignRequest{PublicKey: tt.key.Public(), ID: workloadID, TTL: tt.ttl, DNSNames: tt.dns, DNSOnly: tt.only})
 			require.NoError(t, err)
 			got := issued.Cert
+			// The certificate returned is, field for field, what parsing
+			// the DER gives (the CA does not parse it again).
+			parsed, err := x509.ParseCertificate(got.Raw)
+			require.NoError(t, err)
+			require.Equal(t, parsed, got)
 			require.NoError(t, got.CheckSignatureFrom(inter.Cert))
 			require.Equal(t, tt.dns, got.DNSNames)
 			if tt.only {
