@@ -102,6 +102,29 @@ type Config struct {
 	// the gRPC API. Every bound is off by default (0); docs/limits.md
 	// gives recommended production values.
 	Limits LimitsConfig `json:"limits"`
+
+	// Admission bounds the signing work in flight and queues the rest,
+	// first certificates ahead of renewals; what would wait too long is
+	// shed with a retry hint. On by default (docs/limits.md).
+	Admission AdmissionConfig `json:"admission"`
+}
+
+// AdmissionConfig bounds the signing work of the whole server. 0 means
+// the default.
+type AdmissionConfig struct {
+	// MaxInFlight bounds the requests checking a CSR or signing at once.
+	// Default twice the CPUs the server may use; -1 turns admission off.
+	MaxInFlight int `json:"maxInFlight"`
+
+	// MaxQueue bounds the requests waiting for signing capacity. Default
+	// 4096.
+	MaxQueue int `json:"maxQueue"`
+
+	// MaxWaitFirst and MaxWaitRenewal bound how long a first certificate
+	// and a renewal may be expected to wait before they are shed.
+	// Defaults 5s and 250ms.
+	MaxWaitFirst   Duration `json:"maxWaitFirst"`
+	MaxWaitRenewal Duration `json:"maxWaitRenewal"`
 }
 
 // LimitsConfig bounds callers of the gRPC API. 0 means no bound.
@@ -411,6 +434,7 @@ type completeConfig struct {
 	linkerd  server.LinkerdOptions
 	fed      federationSettings
 	limits   server.Limits
+	admit    server.Admission
 	vault    *vaultca.Config // mode vault
 }
 
@@ -608,7 +632,8 @@ func orDefault(list []string, def string) []string {
 	return list
 }
 
-// completeLimits checks the limits block and sets the server's Limits.
+// completeLimits checks the limits and admission blocks and sets the
+// server's Limits and Admission.
 func (cc *completeConfig) completeLimits() error {
 	l := cc.Limits
 	var errs []error
@@ -632,6 +657,21 @@ func (cc *completeConfig) completeLimits() error {
 		if n.v < 0 {
 			errs = append(errs, fmt.Errorf("%s %d must not be negative (0 is the default)", n.key, n.v))
 		}
+	}
+	a := cc.Admission
+	switch {
+	case a.MaxInFlight < -1:
+		errs = append(errs, fmt.Errorf("admission.maxInFlight %d: want a number of requests, 0 for the default or -1 for no bound", a.MaxInFlight))
+	case a.MaxQueue < 0:
+		errs = append(errs, fmt.Errorf("admission.maxQueue %d must not be negative (0 is the default)", a.MaxQueue))
+	case a.MaxWaitFirst < 0 || a.MaxWaitRenewal < 0:
+		errs = append(errs, errors.New("admission.maxWaitFirst and admission.maxWaitRenewal must not be negative (0 is the default)"))
+	}
+	cc.admit = server.Admission{
+		MaxInFlight:    a.MaxInFlight,
+		MaxQueue:       a.MaxQueue,
+		MaxWaitFirst:   time.Duration(a.MaxWaitFirst),
+		MaxWaitRenewal: time.Duration(a.MaxWaitRenewal),
 	}
 	cc.limits = server.Limits{
 		PerSource:                server.Rate{PerSecond: l.PerSource.Rate, Burst: l.PerSource.Burst},

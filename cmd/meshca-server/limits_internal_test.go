@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -55,4 +56,31 @@ func TestLimitsConfigRefused(t *testing.T) {
 	require.NoError(t, os.WriteFile(path, []byte("limits:\n  perSource: {rate: 1, brust: 2}\n"), 0o600))
 	_, err = loadConfig(path)
 	require.ErrorContains(t, err, `unknown field "brust"`)
+}
+
+// TestAdmissionConfig: admission is on by default (the zero
+// server.Admission); the config sets every bound, and refuses nonsense.
+func TestAdmissionConfig(t *testing.T) {
+	cc, err := Config{}.complete()
+	require.NoError(t, err)
+	require.Equal(t, server.Admission{}, cc.admit)
+
+	path := filepath.Join(t.TempDir(), "config.yaml")
+	require.NoError(t, os.WriteFile(path, []byte(`
+admission:
+  maxInFlight: 16
+  maxQueue: 1000
+  maxWaitFirst: 3s
+  maxWaitRenewal: 100ms
+`), 0o600))
+	cfg, err := loadConfig(path)
+	require.NoError(t, err)
+	cc, err = cfg.complete()
+	require.NoError(t, err)
+	require.Equal(t, server.Admission{MaxInFlight: 16, MaxQueue: 1000, MaxWaitFirst: 3 * time.Second, MaxWaitRenewal: 100 * time.Millisecond}, cc.admit)
+
+	_, err = Config{Admission: AdmissionConfig{MaxInFlight: -2}}.complete()
+	require.EqualError(t, err, "config: admission.maxInFlight -2: want a number of requests, 0 for the default or -1 for no bound")
+	_, err = Config{Admission: AdmissionConfig{MaxWaitRenewal: Duration(-time.Second)}}.complete()
+	require.ErrorContains(t, err, "admission.maxWaitFirst and admission.maxWaitRenewal must not be negative")
 }

@@ -263,6 +263,7 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 		Linkerd:       cfg.linkerd,
 		Federated:     fed,
 		Limits:        cfg.limits,
+		Admission:     cfg.admit,
 		Bans:          bans,
 	})
 	if err != nil {

@@ -10,7 +10,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"io"
-	"log/slog"
 	"math/big"
 	"net"
 	"net/url"
@@ -18,7 +17,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/stretchr/testify/require"
@@ -52,38 +50,11 @@ const slowRate = 0.001
 // listener wrapped by LimitListener as meshca-server wraps it.
 func startLimited(t *testing.T, limits server.Limits, authns ...identity.Authenticator) *harness {
 	t.Helper()
-	set, err := ca.NewSelfSigned(ca.AuthorityOptions{TrustDomain: td})
-	require.NoError(t, err)
-	c, err := ca.New(set, ca.Options{})
-	require.NoError(t, err)
-	tokens, err := identity.NewStaticTokens(identity.TokenFile{Tokens: []identity.TokenFileEntry{
-		{ID: demoID.String(), Token: demoToken},
-		{ID: serverID.String(), Token: serverToken},
-	}}, td)
-	require.NoError(t, err)
-	logs := &syncBuffer{}
-	reg := prometheus.NewRegistry()
-	chain := append(append([]identity.Authenticator{tokens}, authns...), identity.NewSVIDAuthenticator(td, c, nil))
-	srv, err := server.New(server.Options{
-		CA:            c,
-		Authenticator: identity.Chain(chain...),
-		Policy:        identity.Policy{Reserved: []spiffeid.ID{serverID}},
-		Logger:        slog.New(slog.NewJSONHandler(logs, nil)),
-		Registerer:    reg,
-		Istio:         server.IstioOptions{Enabled: true},
-		Linkerd:       server.LinkerdOptions{Enabled: true},
-		Limits:        limits,
+	return startServer(t, harnessOptions{
+		authns:        authns,
+		configure:     func(o *server.Options) { o.Limits = limits },
+		limitListener: true,
 	})
-	require.NoError(t, err)
-	serving, err := server.NewServingCert(c, serverID, []string{"localhost"}, nil, time.Hour, nil)
-	require.NoError(t, err)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	g := srv.GRPCServer(serving.TLSConfig())
-	go func() { _ = g.Serve(srv.LimitListener(lis)) }()
-	t.Cleanup(g.Stop)
-	bundle, _ := c.Bundle()
-	return &harness{t: t, srv: srv, ca: c, addr: lis.Addr().String(), logs: logs, reg: reg, bundle: bundle}
 }
 
 // connFrom dials the server from the loopback address source (127.0.0.x),

@@ -77,6 +77,27 @@ func start(t *testing.T) *harness {
 // authenticator), then the SVID authenticator. Every front end is on.
 func startWith(t *testing.T, authns ...identity.Authenticator) *harness {
 	t.Helper()
+	return startServer(t, harnessOptions{authns: authns})
+}
+
+// harnessOptions vary the harness's server.
+type harnessOptions struct {
+	authns []identity.Authenticator
+
+	// configure, when set, changes the server's options.
+	configure func(*server.Options)
+
+	// issuer, when set, wraps the issuing key (after the harness's own
+	// serving certificate is signed).
+	issuer func(crypto.Signer) crypto.Signer
+
+	// limitListener wraps the listener with Server.LimitListener, as
+	// meshca-server does.
+	limitListener bool
+}
+
+func startServer(t *testing.T, o harnessOptions) *harness {
+	t.Helper()
 	set, err := ca.NewSelfSigned(ca.AuthorityOptions{TrustDomain: td})
 	require.NoError(t, err)
 	c, err := ca.New(set, ca.Options{})
@@ -88,8 +109,8 @@ func startWith(t *testing.T, authns ...identity.Authenticator) *harness {
 	require.NoError(t, err)
 	logs := &syncBuffer{}
 	reg := prometheus.NewRegistry()
-	chain := append(append([]identity.Authenticator{tokens}, authns...), identity.NewSVIDAuthenticator(td, c, nil))
-	srv, err := server.New(server.Options{
+	chain := append(append([]identity.Authenticator{tokens}, o.authns...), identity.NewSVIDAuthenticator(td, c, nil))
+	opts := server.Options{
 		CA:            c,
 		Authenticator: identity.Chain(chain...),
 		Policy:        identity.Policy{Reserved: []spiffeid.ID{serverID}},
@@ -97,12 +118,24 @@ func startWith(t *testing.T, authns ...identity.Authenticator) *harness {
 		Registerer:    reg,
 		Istio:         server.IstioOptions{Enabled: true},
 		Linkerd:       server.LinkerdOptions{Enabled: true},
-	})
+	}
+	if o.configure != nil {
+		o.configure(&opts)
+	}
+	srv, err := server.New(opts)
 	require.NoError(t, err)
 	serving, err := server.NewServingCert(c, serverID, []string{"localhost"}, nil, time.Hour, nil)
 	require.NoError(t, err)
+	if o.issuer != nil {
+		set := c.Authorities().Clone()
+		set.Issuer.Signer = o.issuer(set.Issuer.Signer)
+		require.NoError(t, c.SetAuthorities(set))
+	}
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
+	if o.limitListener {
+		lis = srv.LimitListener(lis)
+	}
 	g := srv.GRPCServer(serving.TLSConfig())
 	go func() { _ = g.Serve(lis) }()
 	t.Cleanup(g.Stop)
