@@ -9,7 +9,12 @@
 // backoff, never waiting more than a twentieth of the time the SVID has
 // left; and serves the current certificate until it truly expires. So a CA
 // outage shorter than half a leaf lifetime, minus that retry cap, is
-// invisible to a workload that renewed on time. It also follows the bundle
+// invisible to a workload that renewed on time. When the server turns a
+// request away with a google.rpc.RetryInfo detail (meshca-server sheds
+// load and rate-limits with ResourceExhausted, sometimes Unavailable), the
+// retry waits that delay plus up to half of it at random instead, so that
+// workloads shed together do not come back together; the hint is held to
+// Backoff.Max and to the same retry cap. It also follows the bundle
 // stream, so new roots reach the workload before anything is signed under
 // them.
 //

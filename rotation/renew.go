@@ -36,10 +36,12 @@ type Dialer func(ctx context.Context) (*grpc.ClientConn, error)
 
 // Run gets the first X509-SVID, retrying until it succeeds, then renews it
 // at its renew point for as long as ctx lasts, retrying failures with
-// backoff and serving the current SVID until it expires. Alongside, it
-// watches the server's bundle and swaps in each newer one. Every response
-// is checked before it is swapped in: the chain parses, is for Options.ID
-// and the key the source made, and verifies against the bundle.
+// backoff (or after the delay the server asks for in a
+// google.rpc.RetryInfo detail, with jitter) and serving the current SVID
+// until it expires. Alongside, it watches the server's bundle and swaps in
+// each newer one. Every response is checked before it is swapped in: the
+// chain parses, is for Options.ID and the key the source made, and
+// verifies against the bundle.
 //
 // Run returns only when ctx is done, with ctx's error. A Source runs once
 // at a time.
@@ -91,19 +93,26 @@ func (s *Source) renewLoop(ctx context.Context, dial Dialer) {
 			continue
 		}
 		failures++
-		wait = s.retryWait(failures)
-		s.logFailure(ctx, err, failures, wait)
+		hint := retryHint(err)
+		wait = s.retryWait(failures, hint)
+		s.logFailure(ctx, err, failures, wait, hint)
 	}
 }
 
 // retryWait returns the wait before the retry after the given number of
-// consecutive failures: Backoff's, held to retryCap of the time the
-// current SVID has left while there is one that has not expired, so that
-// a CA that comes back is used before the SVID runs out.
-func (s *Source) retryWait(failures int) time.Duration {
+// consecutive failures. When the server hinted at a delay (hint > 0), it
+// is the hint plus up to half of it at random, so that callers shed
+// together do not come back together; otherwise it is Backoff's. Either
+// is held to Backoff.Max, and to retryCap of the time the current SVID has
+// left while there is one that has not expired, so that a CA that comes
+// back is used before the SVID runs out.
+func (s *Source) retryWait(failures int, hint time.Duration) time.Duration {
 	limit := s.backoff.Max
 	if svid, err := s.GetX509SVID(); err == nil {
 		limit = retryCap(svid.Certificates[0].NotAfter.Sub(s.clock.Now()))
+	}
+	if hint > 0 {
+		return s.backoff.hintedDelay(hint, s.random(), limit)
 	}
 	return s.backoff.delayWithin(failures, s.random(), limit)
 }
@@ -168,11 +177,16 @@ func (s *Source) sleep(ctx context.Context, d time.Duration, wake <-chan struct{
 // on while the machine sleeps.
 func (s *Source) wallNow() time.Time { return s.clock.Now().Round(0) }
 
-func (s *Source) logFailure(ctx context.Context, err error, failures int, wait time.Duration) {
+// logFailure logs a failed attempt: how many in a row, the wait before the
+// next, and the delay the server hinted at, if any.
+func (s *Source) logFailure(ctx context.Context, err error, failures int, wait, hint time.Duration) {
 	level := slog.LevelWarn
 	attrs := []slog.Attr{
 		slog.Int("failures", failures),
 		slog.Duration("retry_in", wait),
+	}
+	if hint > 0 {
+		attrs = append(attrs, slog.Duration("server_hint", hint))
 	}
 	if st, ok := status.FromError(err); ok {
 		attrs = append(attrs, slog.String("code", st.Code().String()))

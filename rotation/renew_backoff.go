@@ -17,7 +17,9 @@ const (
 // Backoff paces retries: the nth retry waits Initial·Factor^(n-1), at most
 // Max, less a random share of up to Jitter of that. Jitter only shortens a
 // wait, so Max is a hard cap, and callers that have reached it still
-// spread out rather than all retrying at Max together. Each field's zero
+// spread out rather than all retrying at Max together. When the server
+// says when to retry (a google.rpc.RetryInfo detail), a renewal waits that
+// long plus up to half of it instead, still at most Max. Each field's zero
 // value means its default.
 type Backoff struct {
 	// Initial is the wait before the first retry. Zero means 1s.

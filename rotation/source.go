@@ -93,7 +93,10 @@ type Options struct {
 	// renewal waits longer than a twentieth of the time the SVID has left
 	// (but 100ms at least), whatever Backoff says: a CA that comes back
 	// is used within that share of the SVID's remaining life. With no
-	// valid SVID, retries follow Backoff alone.
+	// valid SVID, retries follow Backoff alone. When a failed renewal
+	// carries a google.rpc.RetryInfo delay (the server shedding load, or
+	// a rate limit), the retry waits that delay plus up to half of it at
+	// random instead (at least 100ms), held to Max and to the same cap.
 	Backoff Backoff
 
 	// RequestTimeout bounds one Sign request. It is a gRPC deadline, so it

@@ -1,0 +1,51 @@
+package rotation
+
+import (
+	"time"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/status"
+)
+
+// retryHintJitter is the largest share of a server's retry hint added at
+// random to the wait, so that callers the server turned away together do
+// not come back together.
+const retryHintJitter = 0.5
+
+// retryHint returns the delay of the google.rpc.RetryInfo detail that err's
+// gRPC status carries, whatever its code: meshca-server sends one with
+// ResourceExhausted when it sheds load or rate-limits a caller, and may
+// with Unavailable. It returns zero when there is none, or when the delay
+// is not a positive, valid duration.
+func retryHint(err error) time.Duration {
+	st, ok := status.FromError(err)
+	if !ok || err == nil {
+		return 0
+	}
+	for _, d := range st.Details() {
+		info, ok := d.(*errdetails.RetryInfo)
+		if !ok || info.GetRetryDelay() == nil || info.GetRetryDelay().CheckValid() != nil {
+			continue
+		}
+		if delay := info.GetRetryDelay().AsDuration(); delay > 0 {
+			return delay
+		}
+	}
+	return 0
+}
+
+// hintedDelay returns the wait before the next retry when the server
+// hinted at one: the hint, held to between minRetryCap and Max, plus up to
+// retryHintJitter of it at random (u is uniform in [0, 1)). It never
+// exceeds limit (or Max): when the jittered hint would, the wait is limit
+// less Backoff's jitter, as delayWithin's is, so that callers held to the
+// cap still spread out.
+func (b Backoff) hintedDelay(hint time.Duration, u float64, limit time.Duration) time.Duration {
+	limit = min(limit, b.Max)
+	hint = min(max(hint, minRetryCap), b.Max)
+	d := hint + time.Duration(float64(hint)*retryHintJitter*u)
+	if d > limit {
+		return time.Duration(float64(limit) * (1 - b.Jitter*u))
+	}
+	return d
+}
