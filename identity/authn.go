@@ -38,6 +38,9 @@ const (
 	MethodBootstrapToken  Method = "bootstrap_token"
 	MethodKubernetesToken Method = "kubernetes_token"
 	MethodMTLS            Method = "mtls"
+	// MethodSVIDProof is a current X509-SVID proven in a request body
+	// (VerifySVIDProof) rather than in the TLS handshake: a batch entry.
+	MethodSVIDProof Method = "svid_proof"
 )
 
 // ReasonMethodNotAccepted refuses a credential that was authenticated, but

@@ -87,9 +87,11 @@ func (c requestClass) String() string {
 }
 
 // classOf returns the class of an authenticated caller: a renewal when it
-// proved itself with a certificate it holds.
+// proved itself with a certificate it holds (over mTLS, or by an SVID
+// proof in a batch).
 func classOf(c identity.Caller) requestClass {
-	if c.Method == identity.MethodMTLS {
+	switch c.Method {
+	case identity.MethodMTLS, identity.MethodSVIDProof:
 		return classRenewal
 	}
 	return classFirst

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"sync"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"google.golang.org/grpc/codes"
@@ -29,34 +30,44 @@ type certificateService struct {
 
 func (c *certificateService) Sign(ctx context.Context, req *meshcav1.SignRequest) (*meshcav1.SignResponse, error) {
 	r := issueRequest{api: APINative, csr: req.GetCsr(), bundleSequence: req.GetBundleSequence()}
-	if ttl := req.GetTtl(); ttl != nil {
-		if ttl.CheckValid() != nil {
-			// Refused on the shared path, once the caller is known, so
-			// that it is audited and counted as every refusal is. The
-			// message is ours: protobuf's varies on purpose.
-			r.refused = refusef(codes.InvalidArgument, ReasonBadTTL,
-				"ttl is not a valid duration (seconds %d, nanos %d): want seconds within ±10000 years, nanos within ±999999999, both of one sign",
-				ttl.GetSeconds(), ttl.GetNanos())
-		} else {
-			r.ttl = ttl.AsDuration()
-		}
-	}
+	r.ttl, r.refused = requestedTTL(req.GetTtl())
 	issued, err := c.s.issue(ctx, r)
 	if err != nil {
 		return nil, err
 	}
-	chain := make([][]byte, len(issued.Chain))
-	for i, cert := range issued.Chain {
-		chain[i] = cert.Raw
-	}
 	federated, _ := c.s.fedCache.get()
 	return &meshcav1.SignResponse{
-		CertChain:        chain,
+		CertChain:        chainDER(issued),
 		Bundle:           c.s.bundleProto(),
 		FederatedBundles: federated,
 		ExpiresAt:        timestamppb.New(issued.Cert.NotAfter),
 		SpiffeId:         issued.Cert.URIs[0].String(),
 	}, nil
+}
+
+// chainDER returns the DER of the issued chain, leaf first.
+func chainDER(issued *ca.Issued) [][]byte {
+	chain := make([][]byte, len(issued.Chain))
+	for i, cert := range issued.Chain {
+		chain[i] = cert.Raw
+	}
+	return chain
+}
+
+// requestedTTL reads the ttl of a native request: zero when unset. An
+// invalid one is refused on the shared path, once the caller is known, so
+// that it is audited and counted as every refusal is. The message is ours:
+// protobuf's varies on purpose.
+func requestedTTL(ttl *durationpb.Duration) (time.Duration, error) {
+	if ttl == nil {
+		return 0, nil
+	}
+	if ttl.CheckValid() != nil {
+		return 0, refusef(codes.InvalidArgument, ReasonBadTTL,
+			"ttl is not a valid duration (seconds %d, nanos %d): want seconds within ±10000 years, nanos within ±999999999, both of one sign",
+			ttl.GetSeconds(), ttl.GetNanos())
+	}
+	return ttl.AsDuration(), nil
 }
 
 type bundleService struct {

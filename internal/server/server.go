@@ -287,6 +287,11 @@ type issueRequest struct {
 	// API accepts.
 	methods []identity.Method
 
+	// asMethod, when set, replaces the authenticated caller's Method once
+	// methods are checked: a batch entry's SVID proof is authenticated as
+	// an mTLS client certificate, and audited as identity.MethodSVIDProof.
+	asMethod identity.Method
+
 	// refused, when set, refuses the request once the caller is
 	// authenticated, so that the refusal is audited with the caller: a
 	// front end's refusal of what its wire format allows and meshca does
@@ -401,6 +406,9 @@ func (s *Server) authorizeAndSign(ctx context.Context, r issueRequest) (identity
 		if err := caller.RequireMethod(r.methods...); err != nil {
 			return caller, nil, err
 		}
+	}
+	if r.asMethod != "" {
+		caller.Method = r.asMethod
 	}
 	if r.refused != nil {
 		return caller, nil, r.refused

@@ -27,6 +27,390 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type SignBatchRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The certificates to issue, at most 64.
+	Entries []*SignBatchEntry `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
+	// The sequence number of the trust bundle the caller holds now, as in
+	// SignRequest, reported for every entry's identity. 0 means unknown.
+	BundleSequence uint64 `protobuf:"varint,2,opt,name=bundle_sequence,json=bundleSequence,proto3" json:"bundle_sequence,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *SignBatchRequest) Reset() {
+	*x = SignBatchRequest{}
+	mi := &file_meshca_v1_meshca_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignBatchRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignBatchRequest) ProtoMessage() {}
+
+func (x *SignBatchRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshca_v1_meshca_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignBatchRequest.ProtoReflect.Descriptor instead.
+func (*SignBatchRequest) Descriptor() ([]byte, []int) {
+	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *SignBatchRequest) GetEntries() []*SignBatchEntry {
+	if x != nil {
+		return x.Entries
+	}
+	return nil
+}
+
+func (x *SignBatchRequest) GetBundleSequence() uint64 {
+	if x != nil {
+		return x.BundleSequence
+	}
+	return 0
+}
+
+// SignBatchEntry is one certificate to issue and the credential for it.
+type SignBatchEntry struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A PKCS#10 certificate signing request, DER (or one PEM block), as in
+	// SignRequest: its only URI SAN is the SPIFFE ID the credential proves.
+	Csr []byte `protobuf:"bytes,1,opt,name=csr,proto3" json:"csr,omitempty"`
+	// The lifetime the caller wants, as in SignRequest.
+	Ttl *durationpb.Duration `protobuf:"bytes,2,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	// The entry's credential. Unset is refused with UNAUTHENTICATED.
+	//
+	// Types that are valid to be assigned to Credential:
+	//
+	//	*SignBatchEntry_Token
+	//	*SignBatchEntry_SvidProof
+	Credential    isSignBatchEntry_Credential `protobuf_oneof:"credential"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignBatchEntry) Reset() {
+	*x = SignBatchEntry{}
+	mi := &file_meshca_v1_meshca_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignBatchEntry) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignBatchEntry) ProtoMessage() {}
+
+func (x *SignBatchEntry) ProtoReflect() protoreflect.Message {
+	mi := &file_meshca_v1_meshca_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignBatchEntry.ProtoReflect.Descriptor instead.
+func (*SignBatchEntry) Descriptor() ([]byte, []int) {
+	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *SignBatchEntry) GetCsr() []byte {
+	if x != nil {
+		return x.Csr
+	}
+	return nil
+}
+
+func (x *SignBatchEntry) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
+func (x *SignBatchEntry) GetCredential() isSignBatchEntry_Credential {
+	if x != nil {
+		return x.Credential
+	}
+	return nil
+}
+
+func (x *SignBatchEntry) GetToken() string {
+	if x != nil {
+		if x, ok := x.Credential.(*SignBatchEntry_Token); ok {
+			return x.Token
+		}
+	}
+	return ""
+}
+
+func (x *SignBatchEntry) GetSvidProof() *SVIDProof {
+	if x != nil {
+		if x, ok := x.Credential.(*SignBatchEntry_SvidProof); ok {
+			return x.SvidProof
+		}
+	}
+	return nil
+}
+
+type isSignBatchEntry_Credential interface {
+	isSignBatchEntry_Credential()
+}
+
+type SignBatchEntry_Token struct {
+	// A bearer token, as sent in `authorization: Bearer <token>` to Sign.
+	Token string `protobuf:"bytes,3,opt,name=token,proto3,oneof"`
+}
+
+type SignBatchEntry_SvidProof struct {
+	// The entry's current X509-SVID and a signature by its key.
+	SvidProof *SVIDProof `protobuf:"bytes,4,opt,name=svid_proof,json=svidProof,proto3,oneof"`
+}
+
+func (*SignBatchEntry_Token) isSignBatchEntry_Credential() {}
+
+func (*SignBatchEntry_SvidProof) isSignBatchEntry_Credential() {}
+
+// SVIDProof proves the entry's identity with its current X509-SVID, as an
+// mTLS renewal would, without a TLS handshake per identity: the chain must
+// verify against the server's trust bundle, and the signature proves
+// possession of the SVID's private key and binds it to this entry's CSR.
+type SVIDProof struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The current X509-SVID, leaf first, then its intermediates; DER. At
+	// most 8 certificates and 32 KiB.
+	CertChain [][]byte `protobuf:"bytes,1,rep,name=cert_chain,json=certChain,proto3" json:"cert_chain,omitempty"`
+	// A signature by the current SVID's key over the SHA-256 digest of
+	// "meshca svid proof v1" || 0x00 || csr (the entry's csr field, byte for
+	// byte): ECDSA (ASN.1 DER), RSA-PSS (salt length equal to the hash) or,
+	// for an Ed25519 key, Ed25519 over the whole message, not its digest.
+	// See identity.SignSVIDProof.
+	Signature     []byte `protobuf:"bytes,2,opt,name=signature,proto3" json:"signature,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SVIDProof) Reset() {
+	*x = SVIDProof{}
+	mi := &file_meshca_v1_meshca_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SVIDProof) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SVIDProof) ProtoMessage() {}
+
+func (x *SVIDProof) ProtoReflect() protoreflect.Message {
+	mi := &file_meshca_v1_meshca_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SVIDProof.ProtoReflect.Descriptor instead.
+func (*SVIDProof) Descriptor() ([]byte, []int) {
+	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *SVIDProof) GetCertChain() [][]byte {
+	if x != nil {
+		return x.CertChain
+	}
+	return nil
+}
+
+func (x *SVIDProof) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+type SignBatchResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One result per entry, in the order of the request's entries.
+	Results []*SignBatchResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	// The trust bundle of the server's own trust domain, once for the
+	// batch.
+	Bundle *TrustBundle `protobuf:"bytes,2,opt,name=bundle,proto3" json:"bundle,omitempty"`
+	// The bundles of the trust domains federated with the server's, as in
+	// SignResponse.federated_bundles, once for the batch.
+	FederatedBundles []*TrustBundle `protobuf:"bytes,3,rep,name=federated_bundles,json=federatedBundles,proto3" json:"federated_bundles,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *SignBatchResponse) Reset() {
+	*x = SignBatchResponse{}
+	mi := &file_meshca_v1_meshca_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignBatchResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignBatchResponse) ProtoMessage() {}
+
+func (x *SignBatchResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshca_v1_meshca_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignBatchResponse.ProtoReflect.Descriptor instead.
+func (*SignBatchResponse) Descriptor() ([]byte, []int) {
+	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *SignBatchResponse) GetResults() []*SignBatchResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+func (x *SignBatchResponse) GetBundle() *TrustBundle {
+	if x != nil {
+		return x.Bundle
+	}
+	return nil
+}
+
+func (x *SignBatchResponse) GetFederatedBundles() []*TrustBundle {
+	if x != nil {
+		return x.FederatedBundles
+	}
+	return nil
+}
+
+// SignBatchResult is the outcome of one entry: a certificate, or the error
+// Sign would have returned for it.
+type SignBatchResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A google.rpc.Code: 0 (OK) when the certificate was issued; otherwise
+	// the code Sign would have returned for this entry.
+	Code int32 `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
+	// What was wrong, when code is not 0. It never holds a credential.
+	Message string `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	// When to try this entry again, set when code is RESOURCE_EXHAUSTED or
+	// UNAVAILABLE and the server gave a hint (Sign's google.rpc.RetryInfo).
+	RetryAfter *durationpb.Duration `protobuf:"bytes,3,opt,name=retry_after,json=retryAfter,proto3" json:"retry_after,omitempty"`
+	// The issued certificate first, then the intermediates up to (not
+	// including) a root of the bundle. DER. Empty when code is not 0.
+	CertChain [][]byte `protobuf:"bytes,4,rep,name=cert_chain,json=certChain,proto3" json:"cert_chain,omitempty"`
+	// The issued certificate's NotAfter.
+	ExpiresAt *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	// The issued SPIFFE ID.
+	SpiffeId      string `protobuf:"bytes,6,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignBatchResult) Reset() {
+	*x = SignBatchResult{}
+	mi := &file_meshca_v1_meshca_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignBatchResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignBatchResult) ProtoMessage() {}
+
+func (x *SignBatchResult) ProtoReflect() protoreflect.Message {
+	mi := &file_meshca_v1_meshca_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignBatchResult.ProtoReflect.Descriptor instead.
+func (*SignBatchResult) Descriptor() ([]byte, []int) {
+	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *SignBatchResult) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *SignBatchResult) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *SignBatchResult) GetRetryAfter() *durationpb.Duration {
+	if x != nil {
+		return x.RetryAfter
+	}
+	return nil
+}
+
+func (x *SignBatchResult) GetCertChain() [][]byte {
+	if x != nil {
+		return x.CertChain
+	}
+	return nil
+}
+
+func (x *SignBatchResult) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
+}
+
+func (x *SignBatchResult) GetSpiffeId() string {
+	if x != nil {
+		return x.SpiffeId
+	}
+	return ""
+}
+
 type SignRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// A PKCS#10 certificate signing request, DER (or one PEM block).
@@ -44,7 +428,7 @@ type SignRequest struct {
 
 func (x *SignRequest) Reset() {
 	*x = SignRequest{}
-	mi := &file_meshca_v1_meshca_proto_msgTypes[0]
+	mi := &file_meshca_v1_meshca_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -56,7 +440,7 @@ func (x *SignRequest) String() string {
 func (*SignRequest) ProtoMessage() {}
 
 func (x *SignRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshca_v1_meshca_proto_msgTypes[0]
+	mi := &file_meshca_v1_meshca_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -69,7 +453,7 @@ func (x *SignRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignRequest.ProtoReflect.Descriptor instead.
 func (*SignRequest) Descriptor() ([]byte, []int) {
-	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{0}
+	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *SignRequest) GetCsr() []byte {
@@ -115,7 +499,7 @@ type SignResponse struct {
 
 func (x *SignResponse) Reset() {
 	*x = SignResponse{}
-	mi := &file_meshca_v1_meshca_proto_msgTypes[1]
+	mi := &file_meshca_v1_meshca_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -127,7 +511,7 @@ func (x *SignResponse) String() string {
 func (*SignResponse) ProtoMessage() {}
 
 func (x *SignResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshca_v1_meshca_proto_msgTypes[1]
+	mi := &file_meshca_v1_meshca_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -140,7 +524,7 @@ func (x *SignResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignResponse.ProtoReflect.Descriptor instead.
 func (*SignResponse) Descriptor() ([]byte, []int) {
-	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{1}
+	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *SignResponse) GetCertChain() [][]byte {
@@ -186,7 +570,7 @@ type GetBundleRequest struct {
 
 func (x *GetBundleRequest) Reset() {
 	*x = GetBundleRequest{}
-	mi := &file_meshca_v1_meshca_proto_msgTypes[2]
+	mi := &file_meshca_v1_meshca_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -198,7 +582,7 @@ func (x *GetBundleRequest) String() string {
 func (*GetBundleRequest) ProtoMessage() {}
 
 func (x *GetBundleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshca_v1_meshca_proto_msgTypes[2]
+	mi := &file_meshca_v1_meshca_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -211,7 +595,7 @@ func (x *GetBundleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBundleRequest.ProtoReflect.Descriptor instead.
 func (*GetBundleRequest) Descriptor() ([]byte, []int) {
-	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{2}
+	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{7}
 }
 
 type WatchBundleRequest struct {
@@ -222,7 +606,7 @@ type WatchBundleRequest struct {
 
 func (x *WatchBundleRequest) Reset() {
 	*x = WatchBundleRequest{}
-	mi := &file_meshca_v1_meshca_proto_msgTypes[3]
+	mi := &file_meshca_v1_meshca_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -234,7 +618,7 @@ func (x *WatchBundleRequest) String() string {
 func (*WatchBundleRequest) ProtoMessage() {}
 
 func (x *WatchBundleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshca_v1_meshca_proto_msgTypes[3]
+	mi := &file_meshca_v1_meshca_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -247,7 +631,7 @@ func (x *WatchBundleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchBundleRequest.ProtoReflect.Descriptor instead.
 func (*WatchBundleRequest) Descriptor() ([]byte, []int) {
-	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{3}
+	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{8}
 }
 
 // BundleUpdate is the state of every bundle at one moment of a watch.
@@ -264,7 +648,7 @@ type BundleUpdate struct {
 
 func (x *BundleUpdate) Reset() {
 	*x = BundleUpdate{}
-	mi := &file_meshca_v1_meshca_proto_msgTypes[4]
+	mi := &file_meshca_v1_meshca_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -276,7 +660,7 @@ func (x *BundleUpdate) String() string {
 func (*BundleUpdate) ProtoMessage() {}
 
 func (x *BundleUpdate) ProtoReflect() protoreflect.Message {
-	mi := &file_meshca_v1_meshca_proto_msgTypes[4]
+	mi := &file_meshca_v1_meshca_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -289,7 +673,7 @@ func (x *BundleUpdate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BundleUpdate.ProtoReflect.Descriptor instead.
 func (*BundleUpdate) Descriptor() ([]byte, []int) {
-	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{4}
+	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *BundleUpdate) GetBundle() *TrustBundle {
@@ -328,7 +712,7 @@ type TrustBundle struct {
 
 func (x *TrustBundle) Reset() {
 	*x = TrustBundle{}
-	mi := &file_meshca_v1_meshca_proto_msgTypes[5]
+	mi := &file_meshca_v1_meshca_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -340,7 +724,7 @@ func (x *TrustBundle) String() string {
 func (*TrustBundle) ProtoMessage() {}
 
 func (x *TrustBundle) ProtoReflect() protoreflect.Message {
-	mi := &file_meshca_v1_meshca_proto_msgTypes[5]
+	mi := &file_meshca_v1_meshca_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -353,7 +737,7 @@ func (x *TrustBundle) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TrustBundle.ProtoReflect.Descriptor instead.
 func (*TrustBundle) Descriptor() ([]byte, []int) {
-	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{5}
+	return file_meshca_v1_meshca_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *TrustBundle) GetTrustDomain() string {
@@ -395,7 +779,36 @@ var File_meshca_v1_meshca_proto protoreflect.FileDescriptor
 
 const file_meshca_v1_meshca_proto_rawDesc = "" +
 	"\n" +
-	"\x16meshca/v1/meshca.proto\x12\tmeshca.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"u\n" +
+	"\x16meshca/v1/meshca.proto\x12\tmeshca.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"p\n" +
+	"\x10SignBatchRequest\x123\n" +
+	"\aentries\x18\x01 \x03(\v2\x19.meshca.v1.SignBatchEntryR\aentries\x12'\n" +
+	"\x0fbundle_sequence\x18\x02 \x01(\x04R\x0ebundleSequence\"\xac\x01\n" +
+	"\x0eSignBatchEntry\x12\x10\n" +
+	"\x03csr\x18\x01 \x01(\fR\x03csr\x12+\n" +
+	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12\x16\n" +
+	"\x05token\x18\x03 \x01(\tH\x00R\x05token\x125\n" +
+	"\n" +
+	"svid_proof\x18\x04 \x01(\v2\x14.meshca.v1.SVIDProofH\x00R\tsvidProofB\f\n" +
+	"\n" +
+	"credential\"H\n" +
+	"\tSVIDProof\x12\x1d\n" +
+	"\n" +
+	"cert_chain\x18\x01 \x03(\fR\tcertChain\x12\x1c\n" +
+	"\tsignature\x18\x02 \x01(\fR\tsignature\"\xbe\x01\n" +
+	"\x11SignBatchResponse\x124\n" +
+	"\aresults\x18\x01 \x03(\v2\x1a.meshca.v1.SignBatchResultR\aresults\x12.\n" +
+	"\x06bundle\x18\x02 \x01(\v2\x16.meshca.v1.TrustBundleR\x06bundle\x12C\n" +
+	"\x11federated_bundles\x18\x03 \x03(\v2\x16.meshca.v1.TrustBundleR\x10federatedBundles\"\xf2\x01\n" +
+	"\x0fSignBatchResult\x12\x12\n" +
+	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\x12:\n" +
+	"\vretry_after\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\n" +
+	"retryAfter\x12\x1d\n" +
+	"\n" +
+	"cert_chain\x18\x04 \x03(\fR\tcertChain\x129\n" +
+	"\n" +
+	"expires_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x1b\n" +
+	"\tspiffe_id\x18\x06 \x01(\tR\bspiffeId\"u\n" +
 	"\vSignRequest\x12\x10\n" +
 	"\x03csr\x18\x01 \x01(\fR\x03csr\x12+\n" +
 	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12'\n" +
@@ -419,9 +832,10 @@ const file_meshca_v1_meshca_proto_rawDesc = "" +
 	"\bsequence\x18\x03 \x01(\x04R\bsequence\x12<\n" +
 	"\frefresh_hint\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\vrefreshHint\x12\x1f\n" +
 	"\vspiffe_json\x18\x05 \x01(\fR\n" +
-	"spiffeJson2M\n" +
+	"spiffeJson2\x95\x01\n" +
 	"\x12CertificateService\x127\n" +
-	"\x04Sign\x12\x16.meshca.v1.SignRequest\x1a\x17.meshca.v1.SignResponse2\x9a\x01\n" +
+	"\x04Sign\x12\x16.meshca.v1.SignRequest\x1a\x17.meshca.v1.SignResponse\x12F\n" +
+	"\tSignBatch\x12\x1b.meshca.v1.SignBatchRequest\x1a\x1c.meshca.v1.SignBatchResponse2\x9a\x01\n" +
 	"\rBundleService\x12@\n" +
 	"\tGetBundle\x12\x1b.meshca.v1.GetBundleRequest\x1a\x16.meshca.v1.TrustBundle\x12G\n" +
 	"\vWatchBundle\x12\x1d.meshca.v1.WatchBundleRequest\x1a\x17.meshca.v1.BundleUpdate0\x01B3Z1github.com/meshca/meshca/proto/meshca/v1;meshcav1b\x06proto3"
@@ -438,36 +852,51 @@ func file_meshca_v1_meshca_proto_rawDescGZIP() []byte {
 	return file_meshca_v1_meshca_proto_rawDescData
 }
 
-var file_meshca_v1_meshca_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_meshca_v1_meshca_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_meshca_v1_meshca_proto_goTypes = []any{
-	(*SignRequest)(nil),           // 0: meshca.v1.SignRequest
-	(*SignResponse)(nil),          // 1: meshca.v1.SignResponse
-	(*GetBundleRequest)(nil),      // 2: meshca.v1.GetBundleRequest
-	(*WatchBundleRequest)(nil),    // 3: meshca.v1.WatchBundleRequest
-	(*BundleUpdate)(nil),          // 4: meshca.v1.BundleUpdate
-	(*TrustBundle)(nil),           // 5: meshca.v1.TrustBundle
-	(*durationpb.Duration)(nil),   // 6: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 7: google.protobuf.Timestamp
+	(*SignBatchRequest)(nil),      // 0: meshca.v1.SignBatchRequest
+	(*SignBatchEntry)(nil),        // 1: meshca.v1.SignBatchEntry
+	(*SVIDProof)(nil),             // 2: meshca.v1.SVIDProof
+	(*SignBatchResponse)(nil),     // 3: meshca.v1.SignBatchResponse
+	(*SignBatchResult)(nil),       // 4: meshca.v1.SignBatchResult
+	(*SignRequest)(nil),           // 5: meshca.v1.SignRequest
+	(*SignResponse)(nil),          // 6: meshca.v1.SignResponse
+	(*GetBundleRequest)(nil),      // 7: meshca.v1.GetBundleRequest
+	(*WatchBundleRequest)(nil),    // 8: meshca.v1.WatchBundleRequest
+	(*BundleUpdate)(nil),          // 9: meshca.v1.BundleUpdate
+	(*TrustBundle)(nil),           // 10: meshca.v1.TrustBundle
+	(*durationpb.Duration)(nil),   // 11: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 12: google.protobuf.Timestamp
 }
 var file_meshca_v1_meshca_proto_depIdxs = []int32{
-	6,  // 0: meshca.v1.SignRequest.ttl:type_name -> google.protobuf.Duration
-	5,  // 1: meshca.v1.SignResponse.bundle:type_name -> meshca.v1.TrustBundle
-	5,  // 2: meshca.v1.SignResponse.federated_bundles:type_name -> meshca.v1.TrustBundle
-	7,  // 3: meshca.v1.SignResponse.expires_at:type_name -> google.protobuf.Timestamp
-	5,  // 4: meshca.v1.BundleUpdate.bundle:type_name -> meshca.v1.TrustBundle
-	5,  // 5: meshca.v1.BundleUpdate.federated_bundles:type_name -> meshca.v1.TrustBundle
-	6,  // 6: meshca.v1.TrustBundle.refresh_hint:type_name -> google.protobuf.Duration
-	0,  // 7: meshca.v1.CertificateService.Sign:input_type -> meshca.v1.SignRequest
-	2,  // 8: meshca.v1.BundleService.GetBundle:input_type -> meshca.v1.GetBundleRequest
-	3,  // 9: meshca.v1.BundleService.WatchBundle:input_type -> meshca.v1.WatchBundleRequest
-	1,  // 10: meshca.v1.CertificateService.Sign:output_type -> meshca.v1.SignResponse
-	5,  // 11: meshca.v1.BundleService.GetBundle:output_type -> meshca.v1.TrustBundle
-	4,  // 12: meshca.v1.BundleService.WatchBundle:output_type -> meshca.v1.BundleUpdate
-	10, // [10:13] is the sub-list for method output_type
-	7,  // [7:10] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	1,  // 0: meshca.v1.SignBatchRequest.entries:type_name -> meshca.v1.SignBatchEntry
+	11, // 1: meshca.v1.SignBatchEntry.ttl:type_name -> google.protobuf.Duration
+	2,  // 2: meshca.v1.SignBatchEntry.svid_proof:type_name -> meshca.v1.SVIDProof
+	4,  // 3: meshca.v1.SignBatchResponse.results:type_name -> meshca.v1.SignBatchResult
+	10, // 4: meshca.v1.SignBatchResponse.bundle:type_name -> meshca.v1.TrustBundle
+	10, // 5: meshca.v1.SignBatchResponse.federated_bundles:type_name -> meshca.v1.TrustBundle
+	11, // 6: meshca.v1.SignBatchResult.retry_after:type_name -> google.protobuf.Duration
+	12, // 7: meshca.v1.SignBatchResult.expires_at:type_name -> google.protobuf.Timestamp
+	11, // 8: meshca.v1.SignRequest.ttl:type_name -> google.protobuf.Duration
+	10, // 9: meshca.v1.SignResponse.bundle:type_name -> meshca.v1.TrustBundle
+	10, // 10: meshca.v1.SignResponse.federated_bundles:type_name -> meshca.v1.TrustBundle
+	12, // 11: meshca.v1.SignResponse.expires_at:type_name -> google.protobuf.Timestamp
+	10, // 12: meshca.v1.BundleUpdate.bundle:type_name -> meshca.v1.TrustBundle
+	10, // 13: meshca.v1.BundleUpdate.federated_bundles:type_name -> meshca.v1.TrustBundle
+	11, // 14: meshca.v1.TrustBundle.refresh_hint:type_name -> google.protobuf.Duration
+	5,  // 15: meshca.v1.CertificateService.Sign:input_type -> meshca.v1.SignRequest
+	0,  // 16: meshca.v1.CertificateService.SignBatch:input_type -> meshca.v1.SignBatchRequest
+	7,  // 17: meshca.v1.BundleService.GetBundle:input_type -> meshca.v1.GetBundleRequest
+	8,  // 18: meshca.v1.BundleService.WatchBundle:input_type -> meshca.v1.WatchBundleRequest
+	6,  // 19: meshca.v1.CertificateService.Sign:output_type -> meshca.v1.SignResponse
+	3,  // 20: meshca.v1.CertificateService.SignBatch:output_type -> meshca.v1.SignBatchResponse
+	10, // 21: meshca.v1.BundleService.GetBundle:output_type -> meshca.v1.TrustBundle
+	9,  // 22: meshca.v1.BundleService.WatchBundle:output_type -> meshca.v1.BundleUpdate
+	19, // [19:23] is the sub-list for method output_type
+	15, // [15:19] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_meshca_v1_meshca_proto_init() }
@@ -475,13 +904,17 @@ func file_meshca_v1_meshca_proto_init() {
 	if File_meshca_v1_meshca_proto != nil {
 		return
 	}
+	file_meshca_v1_meshca_proto_msgTypes[1].OneofWrappers = []any{
+		(*SignBatchEntry_Token)(nil),
+		(*SignBatchEntry_SvidProof)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshca_v1_meshca_proto_rawDesc), len(file_meshca_v1_meshca_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   6,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

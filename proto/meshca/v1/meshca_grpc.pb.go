@@ -23,7 +23,8 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	CertificateService_Sign_FullMethodName = "/meshca.v1.CertificateService/Sign"
+	CertificateService_Sign_FullMethodName      = "/meshca.v1.CertificateService/Sign"
+	CertificateService_SignBatch_FullMethodName = "/meshca.v1.CertificateService/SignBatch"
 )
 
 // CertificateServiceClient is the client API for CertificateService service.
@@ -46,6 +47,26 @@ type CertificateServiceClient interface {
 	// transport limit (64 KiB), refused before it is parsed; UNAVAILABLE when
 	// the CA cannot sign now (retry, or another replica).
 	Sign(ctx context.Context, in *SignRequest, opts ...grpc.CallOption) (*SignResponse, error)
+	// SignBatch issues certificates for many identities in one call: for an
+	// agent or node that renews the SVIDs of many workloads. Each entry
+	// carries its own CSR and its own credential, a token or a proof of
+	// possession of the identity's current SVID (SVIDProof); the call's
+	// metadata token and TLS client certificate are never used for an
+	// entry. Each entry is handled as a Sign request would be (the same
+	// rate limits, authentication, policy, bans and audit) and gets its own
+	// result: a refused entry never fails the others.
+	//
+	// Limits: at most 64 entries. The whole message is bounded by the
+	// transport limit (64 KiB unless configured): about 45 entries proven
+	// by an SVID and its intermediate, more with tokens; pack calls by size
+	// (rotation/batch does).
+	//
+	// Errors of the call: INVALID_ARGUMENT for no entry or more than 64;
+	// RESOURCE_EXHAUSTED for a message over the transport limit, refused
+	// before it is parsed. Errors of an entry, in its result: those of Sign,
+	// and UNAUTHENTICATED for an entry with no credential or an SVIDProof
+	// that does not verify (signature, chain, expiry, trust domain).
+	SignBatch(ctx context.Context, in *SignBatchRequest, opts ...grpc.CallOption) (*SignBatchResponse, error)
 }
 
 type certificateServiceClient struct {
@@ -60,6 +81,16 @@ func (c *certificateServiceClient) Sign(ctx context.Context, in *SignRequest, op
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(SignResponse)
 	err := c.cc.Invoke(ctx, CertificateService_Sign_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *certificateServiceClient) SignBatch(ctx context.Context, in *SignBatchRequest, opts ...grpc.CallOption) (*SignBatchResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SignBatchResponse)
+	err := c.cc.Invoke(ctx, CertificateService_SignBatch_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -86,6 +117,26 @@ type CertificateServiceServer interface {
 	// transport limit (64 KiB), refused before it is parsed; UNAVAILABLE when
 	// the CA cannot sign now (retry, or another replica).
 	Sign(context.Context, *SignRequest) (*SignResponse, error)
+	// SignBatch issues certificates for many identities in one call: for an
+	// agent or node that renews the SVIDs of many workloads. Each entry
+	// carries its own CSR and its own credential, a token or a proof of
+	// possession of the identity's current SVID (SVIDProof); the call's
+	// metadata token and TLS client certificate are never used for an
+	// entry. Each entry is handled as a Sign request would be (the same
+	// rate limits, authentication, policy, bans and audit) and gets its own
+	// result: a refused entry never fails the others.
+	//
+	// Limits: at most 64 entries. The whole message is bounded by the
+	// transport limit (64 KiB unless configured): about 45 entries proven
+	// by an SVID and its intermediate, more with tokens; pack calls by size
+	// (rotation/batch does).
+	//
+	// Errors of the call: INVALID_ARGUMENT for no entry or more than 64;
+	// RESOURCE_EXHAUSTED for a message over the transport limit, refused
+	// before it is parsed. Errors of an entry, in its result: those of Sign,
+	// and UNAUTHENTICATED for an entry with no credential or an SVIDProof
+	// that does not verify (signature, chain, expiry, trust domain).
+	SignBatch(context.Context, *SignBatchRequest) (*SignBatchResponse, error)
 	mustEmbedUnimplementedCertificateServiceServer()
 }
 
@@ -98,6 +149,9 @@ type UnimplementedCertificateServiceServer struct{}
 
 func (UnimplementedCertificateServiceServer) Sign(context.Context, *SignRequest) (*SignResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Sign not implemented")
+}
+func (UnimplementedCertificateServiceServer) SignBatch(context.Context, *SignBatchRequest) (*SignBatchResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SignBatch not implemented")
 }
 func (UnimplementedCertificateServiceServer) mustEmbedUnimplementedCertificateServiceServer() {}
 func (UnimplementedCertificateServiceServer) testEmbeddedByValue()                            {}
@@ -138,6 +192,24 @@ func _CertificateService_Sign_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _CertificateService_SignBatch_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SignBatchRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CertificateServiceServer).SignBatch(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: CertificateService_SignBatch_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CertificateServiceServer).SignBatch(ctx, req.(*SignBatchRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // CertificateService_ServiceDesc is the grpc.ServiceDesc for CertificateService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -148,6 +220,10 @@ var CertificateService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Sign",
 			Handler:    _CertificateService_Sign_Handler,
+		},
+		{
+			MethodName: "SignBatch",
+			Handler:    _CertificateService_SignBatch_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
