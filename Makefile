@@ -142,6 +142,13 @@ test: fuzz-short
 vault:
 	@bash scripts/vault.sh >/dev/null
 
+## bench: the standard set of meshctl bench runs (steady; storm of 1,000
+## and 10,000 new workloads; mixed) against a fresh bin/meshca-server
+## --demo --profiling on free ports (scripts/bench.sh). Not part of test.
+.PHONY: bench
+bench: build
+	bash scripts/bench.sh
+
 .PHONY: clean
 clean:
 	rm -rf bin

@@ -35,8 +35,23 @@ const (
 	cryptoIterations = 2000
 )
 
+// The modes of meshctl bench.
+const (
+	modeSteady = "steady"
+	modeStorm  = "storm"
+	modeMixed  = "mixed"
+)
+
+// Defaults that depend on the mode.
+const (
+	defaultSteadyWorkers = 8
+	defaultStormInFlight = 256
+	defaultStormN        = 1000
+)
+
 type benchOptions struct {
 	server      serverFlags
+	mode        string
 	concurrency int
 	duration    time.Duration
 	requests    int64
@@ -47,68 +62,191 @@ type benchOptions struct {
 	metricsURL  string
 	connections int
 	output      string
+
+	// storm and mixed
+	keys            string
+	workloadTimeout time.Duration
+	renewals        int
+	hold            bool
 }
 
 func newBenchCommand() *cobra.Command {
 	o := &benchOptions{}
 	cmd := &cobra.Command{
 		Use:   "bench",
-		Short: "Load a server with Sign requests; report rate, latency and CPU per certificate",
-		Long: `bench sends CertificateService.Sign requests to meshca-server over gRPC and
-TLS from --concurrency workers for --duration (or until --requests have been
-sent, or until interrupted, which prints the results so far), and reports:
+		Short: "Load a server with Sign requests; report rate, latency, errors, CPU and memory",
+		Long: `bench loads meshca-server with CertificateService.Sign requests over gRPC and
+TLS, in one of three modes, and reports what the clients saw and what the
+server spent.
 
-  requests    how many succeeded, and the failures by gRPC code
-  rate        certificates issued to bench per second
-  latency     p50, p90, p99 and max of the successful requests
-  server      the server's CPU time per certificate and its resident memory,
-              from its Prometheus metrics (--metrics-url) scraped before and
-              after the run: the CPU time the process used, over the
-              certificates it issued (meshca_certificates_issued_total,
-              every API, whoever asked) in between
+Modes (--mode):
+
+  steady  (default) --concurrency workers send Sign one after the other
+          over a few long-lived connections (--connections), for
+          --duration or until --requests have been sent, with --csrs
+          CSRs made before the run and sent in turn: the server's
+          steady-state rate, without key generation or handshakes. Each
+          connection is tried with one Sign before the run (not counted).
+
+  storm   -n new workloads, --concurrency of them in flight at once. Each
+          workload has its own new P-256 key and CSR, opens a NEW TLS
+          connection (no connection reuse, no TLS session resumption),
+          sends Sign with the token, and closes the connection: the cost
+          of a fleet of new pods starting at once. The run ends when every
+          workload is certified or has failed.
+
+  mixed   a storm of -n new workloads, plus --renewals renewing clients.
+          Each renewing client gets a certificate with the token before
+          the run (not counted), then during the run renews as fast as it
+          can: a new TLS connection presenting its current certificate as
+          client certificate (mTLS, no token), a CSR for a new key, and the
+          certificate it gets is the one it presents next. The run ends
+          when the new workloads are done; new and renewal figures are
+          reported apart (the server is meant to serve first certificates
+          before renewals).
+
+Keys (storm, mixed; --keys): "ahead" (default) makes every workload's key
+and CSR before the run, on all of this machine's cores, and reports how
+long that took; renewals then take keys in turn from a pool of --csrs keys
+made ahead too (each renewal presents a key other than the one it
+replaces). "inline" makes each key when its workload starts or its
+renewal is sent, inside the measured time. bench and a server on one
+machine share its cores: key generation inline competes with the server,
+so "ahead" measures the server and "inline" the whole fleet.
+
+Load shedding and retries (storm, mixed): a ResourceExhausted refusal with
+a google.rpc.RetryInfo detail is the server shedding load: bench waits the
+hint plus a random 0-50% jitter and retries on a new connection, counting
+it as "shed (retried)". Unavailable, DeadlineExceeded (an attempt longer
+than --timeout) and ResourceExhausted without a hint are retried too,
+after an exponential backoff from 100ms to 5s with the same jitter, and
+counted as "retried" by code. Any other code is final at once. A workload
+that has no certificate --workload-timeout after it started is a final
+error: "errors" counts those by the code of their last attempt.
+
+--hold (storm): each workload keeps its connection open once certified,
+with a bundle watch stream (BundleService.WatchBundle) on it as an agent
+would, until every workload is done; bench then reads the server's
+resident memory again and reports the increase over the N held clients as
+"memory per connected client". Every held connection is a file
+descriptor: bench raises its soft RLIMIT_NOFILE to the hard limit and
+refuses an -n it cannot hold. From one source address a host can hold
+about as many connections to one server address as it has ephemeral ports
+(net.ipv4.ip_local_port_range).
+
+Every mode reports:
+
+  rate        certificates issued to bench per second (storm, mixed: the
+              new workloads over the wall time from the first start to the
+              last certificate)
+  latency     p50, p90, p99 and max of the successful requests; storm and
+              mixed report the whole workload (connect, TLS handshake and
+              Sign, with any retries and waits) and the Sign alone
+  errors      the failures by gRPC code, with the first message of each
+  server      the server's CPU time per certificate and its resident
+              memory, from its Prometheus metrics (--metrics-url) scraped
+              before and after the run: the CPU time the process used,
+              over the certificates it issued (meshca_certificates_issued_total,
+              every API, whoever asked) in between. Storm and mixed also
+              poll process_resident_memory_bytes every 250ms during the
+              run and report its peak.
   crypto      the cost, measured in this process before the run on one
-              goroutine, of the crypto one certificate needs at least:
-              checking one P-256 CSR signature and making one P-256
+              goroutine (the fastest of batches of 20, so that other load
+              does not inflate it), of the crypto one certificate needs at
+              least: checking one P-256 CSR signature and making one P-256
               signature; and the rate at which one core, or all the
               server's cores (its GOMAXPROCS, or this machine's), could
               sign if they did only that
   efficiency  crypto cost / server CPU per certificate: how much of the
               server's work per certificate is the crypto it cannot avoid
-              (Go's x509.CreateCertificate also checks each signature it
-              makes: one more verification the server does and this floor
-              leaves out)
 
-The CSRs (P-256 keys, the --spiffe-id as their URI SAN) are made before
-the run and reused in turn, so the run measures the server, not key
-generation. Workers share --connections gRPC connections round robin; each
-connection is tried with one Sign before the run, so that a wrong token or
-bundle fails at once, and those certificates are not counted.
-
-Measure on an otherwise idle server, and note that bench and a server on
-the same machine share its CPUs. The server's CPU includes everything it
-does per request: TLS and HTTP/2, authentication, audit logging.`,
-		Example: `  meshctl bench --ca-bundle .meshca/bundle.pem --token-file .meshca/demo-token \
+An interrupt (Ctrl-C) ends the run and prints the results so far. Measure
+on an otherwise idle server; bench and a server on the same machine share
+its CPUs. The server's CPU includes everything it does per request: TLS
+handshakes and HTTP/2, authentication, audit logging.`,
+		Example: `  # steady: 8 workers for 10s over one connection
+  meshctl bench --ca-bundle .meshca/bundle.pem --token-file .meshca/demo-token \
     --spiffe-id spiffe://meshca.local/ns/default/sa/demo
   meshctl bench -c 32 -d 30s --connections 4 --ca-bundle .meshca/bundle.pem \
     --token-file .meshca/demo-token --spiffe-id spiffe://meshca.local/ns/default/sa/demo
   meshctl bench -n 1000 -d 0 --metrics-url "" -o json --ca-bundle .meshca/bundle.pem \
+    --token-file .meshca/demo-token --spiffe-id spiffe://meshca.local/ns/default/sa/demo
+
+  # storm: 10,000 new workloads, 256 in flight, each a new key and a new connection
+  meshctl bench --mode storm -n 10000 --ca-bundle .meshca/bundle.pem \
+    --token-file .meshca/demo-token --spiffe-id spiffe://meshca.local/ns/default/sa/demo
+
+  # the same, keeping every client connected: memory per connected client
+  meshctl bench --mode storm -n 10000 --hold --ca-bundle .meshca/bundle.pem \
+    --token-file .meshca/demo-token --spiffe-id spiffe://meshca.local/ns/default/sa/demo
+
+  # mixed: 5,000 new workloads while 64 clients renew over mTLS
+  meshctl bench --mode mixed -n 5000 --renewals 64 --ca-bundle .meshca/bundle.pem \
     --token-file .meshca/demo-token --spiffe-id spiffe://meshca.local/ns/default/sa/demo`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return o.run(cmd) },
 	}
 	o.server.register(cmd)
 	f := cmd.Flags()
-	f.IntVarP(&o.concurrency, "concurrency", "c", 8, "number of workers, each with one request in flight")
-	f.DurationVarP(&o.duration, "duration", "d", 10*time.Second, "how long to send requests (0: until --requests are sent)")
-	f.Int64VarP(&o.requests, "requests", "n", 0, "stop after this many requests in all (0: no limit)")
-	f.IntVar(&o.csrs, "csrs", 256, "number of CSRs to make before the run and send in turn")
+	f.StringVar(&o.mode, "mode", modeSteady, "steady, storm or mixed (see above)")
+	f.IntVarP(&o.concurrency, "concurrency", "c", 0,
+		fmt.Sprintf("steady: workers, each with one request in flight (default %d); storm, mixed: new workloads in flight at once (default %d)", defaultSteadyWorkers, defaultStormInFlight))
+	f.DurationVarP(&o.duration, "duration", "d", 10*time.Second, "steady: how long to send requests (0: until --requests are sent)")
+	f.Int64VarP(&o.requests, "requests", "n", 0,
+		fmt.Sprintf("steady: stop after this many requests in all (0: no limit); storm, mixed: the number of new workloads (default %d)", defaultStormN))
+	f.IntVar(&o.csrs, "csrs", 256, "steady: CSRs to make before the run and send in turn; mixed with --keys ahead: the renewals' key pool")
 	f.StringVar(&o.token, "token", "", "bootstrap token (visible to other users in the process list; prefer --token-file)")
 	f.StringVar(&o.tokenFile, "token-file", "", "file holding the bootstrap token")
 	f.StringVar(&o.spiffeID, "spiffe-id", "", "SPIFFE ID of the token, asked for by every CSR")
 	f.StringVar(&o.metricsURL, "metrics-url", "http://127.0.0.1:9402/metrics", `the server's Prometheus metrics, for its CPU and memory ("" to skip)`)
-	f.IntVar(&o.connections, "connections", 1, "number of gRPC connections the workers share")
+	f.IntVar(&o.connections, "connections", 1, "steady: number of gRPC connections the workers share")
 	f.StringVarP(&o.output, "output", "o", "text", "output format: text or json")
+	f.StringVar(&o.keys, "keys", keysAhead, `storm, mixed: make the workloads' keys "ahead" of the run or "inline", inside it`)
+	f.DurationVar(&o.workloadTimeout, "workload-timeout", 60*time.Second, "storm, mixed: a workload without a certificate this long after it started is a final error")
+	f.IntVar(&o.renewals, "renewals", 0, "mixed: number of clients renewing over mTLS during the run")
+	f.BoolVar(&o.hold, "hold", false, "storm: keep every connection open with a bundle watch until the end, and report memory per connected client")
 	return cmd
+}
+
+// complete applies the defaults that depend on the mode and checks the
+// flags.
+func (o *benchOptions) complete(cmd *cobra.Command) error {
+	changed := cmd.Flags().Changed
+	if !changed("concurrency") {
+		o.concurrency = defaultSteadyWorkers
+	}
+	switch o.mode {
+	case modeSteady:
+		for _, name := range []string{"keys", "workload-timeout", "renewals", "hold"} {
+			if changed(name) {
+				return fmt.Errorf("--%s is for --mode storm or mixed", name)
+			}
+		}
+	case modeStorm, modeMixed:
+		for _, name := range []string{"duration", "connections"} {
+			if changed(name) {
+				return fmt.Errorf("--%s is for --mode steady: a %s ends when its -n workloads are done", name, o.mode)
+			}
+		}
+		if changed("csrs") && (o.mode != modeMixed || o.keys != keysAhead) {
+			return errors.New("--csrs is for --mode steady, or the renewals' key pool of --mode mixed with --keys ahead")
+		}
+		if !changed("concurrency") {
+			o.concurrency = defaultStormInFlight
+		}
+		if !changed("requests") {
+			o.requests = defaultStormN
+		}
+	default:
+		return fmt.Errorf("--mode %q: want steady, storm or mixed", o.mode)
+	}
+	if o.mode != modeMixed && changed("renewals") {
+		return errors.New("--renewals is for --mode mixed")
+	}
+	if o.mode != modeStorm && o.hold {
+		return errors.New("--hold is for --mode storm")
+	}
+	return o.validate()
 }
 
 func (o *benchOptions) validate() error {
@@ -117,26 +255,43 @@ func (o *benchOptions) validate() error {
 		return fmt.Errorf("--output %q: want text or json", o.output)
 	case o.concurrency < 1:
 		return fmt.Errorf("--concurrency %d: want at least 1", o.concurrency)
+	case o.spiffeID == "":
+		return errors.New("--spiffe-id is required: every CSR asks for the token's identity")
+	case o.csrs < 1:
+		return fmt.Errorf("--csrs %d: want at least 1", o.csrs)
+	}
+	if o.mode != modeSteady {
+		switch {
+		case o.requests < 1:
+			return fmt.Errorf("-n %d: want at least 1 workload", o.requests)
+		case o.requests > maxStormWorkloads:
+			return fmt.Errorf("-n %d: want at most %d workloads", o.requests, maxStormWorkloads)
+		case o.keys != keysAhead && o.keys != keysInline:
+			return fmt.Errorf("--keys %q: want ahead or inline", o.keys)
+		case o.workloadTimeout <= 0:
+			return fmt.Errorf("--workload-timeout %s: want more than 0", o.workloadTimeout)
+		case o.mode == modeMixed && o.renewals < 1:
+			return fmt.Errorf("--renewals %d: --mode mixed wants at least 1 renewing client", o.renewals)
+		}
+		return nil
+	}
+	switch {
 	case o.connections < 1:
 		return fmt.Errorf("--connections %d: want at least 1", o.connections)
 	case o.connections > o.concurrency:
 		return fmt.Errorf("--connections %d is more than --concurrency %d: some connections would carry no requests", o.connections, o.concurrency)
-	case o.csrs < 1:
-		return fmt.Errorf("--csrs %d: want at least 1", o.csrs)
 	case o.requests < 0:
 		return fmt.Errorf("--requests %d: want 0 (no limit) or more", o.requests)
 	case o.duration < 0:
 		return fmt.Errorf("--duration %s: want 0 or more", o.duration)
 	case o.duration == 0 && o.requests == 0:
 		return errors.New("--duration 0 needs --requests: the run would never end")
-	case o.spiffeID == "":
-		return errors.New("--spiffe-id is required: every CSR asks for the token's identity")
 	}
 	return nil
 }
 
 func (o *benchOptions) run(cmd *cobra.Command) error {
-	if err := o.validate(); err != nil {
+	if err := o.complete(cmd); err != nil {
 		return err
 	}
 	id, err := spiffeid.FromString(o.spiffeID)
@@ -150,29 +305,57 @@ func (o *benchOptions) run(cmd *cobra.Command) error {
 	if token == "" {
 		return errors.New("no credential: give --token-file (or --token)")
 	}
-	stdout := cmd.OutOrStdout()
-
 	ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if o.mode == modeSteady {
+		return o.runSteady(ctx, stop, cmd, id, token)
+	}
+	return o.runStorm(ctx, stop, cmd, id, token)
+}
 
+// measureCrypto measures the in-process crypto floor with a CSR for id.
+func measureCrypto(ctx context.Context, sample *x509.CertificateRequest) (cryptoCost, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return cryptoCost{}, err
+	}
+	return measureCryptoCost(ctx, sample, key, cryptoBudget, cryptoIterations)
+}
+
+// scrapeAfter scrapes the metrics after a run into r, with a context of
+// its own: the run's may have been interrupted.
+func (c *benchCommon) scrapeAfter(parent context.Context, client *http.Client, before metricsSample) metricsSample {
+	ctx, cancel := context.WithTimeout(parent, 10*time.Second)
+	defer cancel()
+	after, err := scrapeMetrics(ctx, client, c.MetricsURL)
+	if err == nil {
+		var f serverFigures
+		if f, err = serverDelta(before, after); err == nil {
+			c.Server = &f
+		}
+	}
+	if err != nil {
+		c.ServerError = err.Error()
+	}
+	return after
+}
+
+func (o *benchOptions) runSteady(ctx context.Context, stop context.CancelFunc, cmd *cobra.Command, id spiffeid.ID, token string) error {
+	stdout := cmd.OutOrStdout()
 	r := benchReport{
 		Workers:     o.concurrency,
 		Connections: o.connections,
 		CSRs:        o.csrs,
 		Duration:    o.duration,
 		Requests:    o.requests,
-		MetricsURL:  o.metricsURL,
+		benchCommon: benchCommon{MetricsURL: o.metricsURL},
 	}
 
 	reqs, sample, err := makeSignRequests(o.csrs, id)
 	if err != nil {
 		return err
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return err
-	}
-	if r.Crypto, err = measureCryptoCost(ctx, sample, key, cryptoBudget, cryptoIterations); err != nil {
+	if r.Crypto, err = measureCrypto(ctx, sample); err != nil {
 		return err
 	}
 
@@ -224,28 +407,21 @@ func (o *benchOptions) run(cmd *cobra.Command) error {
 	r.setLoad(res)
 
 	if o.metricsURL != "" {
-		sctx, cancel := context.WithTimeout(cmd.Context(), 10*time.Second)
-		after, err := scrapeMetrics(sctx, httpClient, o.metricsURL)
-		cancel()
-		if err == nil {
-			var f serverFigures
-			if f, err = serverDelta(before, after); err == nil {
-				r.Server = &f
-			}
-		}
-		if err != nil {
-			r.ServerError = err.Error()
-		}
+		r.scrapeAfter(cmd.Context(), httpClient, before)
 	}
 	r.LocalGOMAXPROCS = runtime.GOMAXPROCS(0)
 
 	if o.output == "json" {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(r.json())
+		return writeJSON(stdout, r.json())
 	}
 	r.writeText(stdout)
 	return nil
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
 }
 
 func (o *benchOptions) preflight(ctx context.Context, client meshcav1.CertificateServiceClient, req *meshcav1.SignRequest) error {
@@ -284,19 +460,10 @@ func makeSignRequests(n int, id spiffeid.ID) ([]*meshcav1.SignRequest, *x509.Cer
 	return reqs, sample, nil
 }
 
-// benchReport is everything bench measured.
-type benchReport struct {
-	Workers, Connections, CSRs int
-	Duration                   time.Duration
-	Requests                   int64
-	MetricsURL                 string
-
-	Interrupted  bool
-	Elapsed      time.Duration
-	OK           int
-	Errors       map[string]int
-	ErrorSamples map[string]string
-	Latency      latencySummary
+// benchCommon is what every mode reports beside its load: the server's
+// figures and the crypto floor.
+type benchCommon struct {
+	MetricsURL string
 
 	// Server is nil when not measured; ServerError then says why, if
 	// it was asked for.
@@ -305,6 +472,22 @@ type benchReport struct {
 
 	Crypto          cryptoCost
 	LocalGOMAXPROCS int
+}
+
+// benchReport is everything bench --mode steady measured.
+type benchReport struct {
+	Workers, Connections, CSRs int
+	Duration                   time.Duration
+	Requests                   int64
+
+	Interrupted  bool
+	Elapsed      time.Duration
+	OK           int
+	Errors       map[string]int
+	ErrorSamples map[string]string
+	Latency      latencySummary
+
+	benchCommon
 }
 
 func (r *benchReport) setLoad(res loadResult) {
@@ -332,14 +515,14 @@ func (r *benchReport) rate() float64 {
 
 // cores returns the number of cores the multi-core limit is for: the
 // server's GOMAXPROCS if its metrics say, else this process's.
-func (r *benchReport) cores() (int, string) {
+func (r *benchCommon) cores() (int, string) {
 	if r.Server != nil && r.Server.gomaxprocs > 0 {
 		return r.Server.gomaxprocs, "server"
 	}
 	return r.LocalGOMAXPROCS, "local"
 }
 
-func (r *benchReport) efficiency() (float64, bool) {
+func (r *benchCommon) efficiency() (float64, bool) {
 	if r.Server == nil {
 		return 0, false
 	}
@@ -377,6 +560,11 @@ func (r *benchReport) writeText(w io.Writer) {
 		fmt.Fprintf(w, "latency    p50 %s  p90 %s  p99 %s  max %s\n",
 			formatDuration(r.Latency.P50), formatDuration(r.Latency.P90), formatDuration(r.Latency.P99), formatDuration(r.Latency.Max))
 	}
+	r.writeFigures(w)
+}
+
+// writeFigures writes the server, crypto and efficiency lines.
+func (r *benchCommon) writeFigures(w io.Writer) {
 	fmt.Fprintf(w, "server     %s\n", r.serverText())
 	cores, whose := r.cores()
 	fmt.Fprintf(w, "crypto     in-process P-256 CSR verify + sign: %s/cert (limit %.0f certs/s per core, %.0f certs/s on %d cores, %s GOMAXPROCS)\n",
@@ -388,7 +576,7 @@ func (r *benchReport) writeText(w io.Writer) {
 	}
 }
 
-func (r *benchReport) serverText() string {
+func (r *benchCommon) serverText() string {
 	switch {
 	case r.MetricsURL == "":
 		return "not measured (--metrics-url is empty)"
@@ -411,23 +599,32 @@ func (r *benchReport) serverText() string {
 	return strings.Join(parts, ", ")
 }
 
-// benchJSON is bench's -o json output.
+// benchJSON is bench's -o json output. The fields of a mode that does
+// not have them are left out.
 type benchJSON struct {
-	Workers         int               `json:"workers"`
-	Connections     int               `json:"connections"`
-	CSRs            int               `json:"csrs"`
-	DurationSeconds float64           `json:"durationSeconds"`
-	RequestLimit    int64             `json:"requestLimit,omitempty"`
-	Interrupted     bool              `json:"interrupted"`
-	ElapsedSeconds  float64           `json:"elapsedSeconds"`
-	OK              int               `json:"ok"`
-	Errors          map[string]int    `json:"errors"`
-	ErrorSamples    map[string]string `json:"errorSamples,omitempty"`
-	CertsPerSecond  float64           `json:"certsPerSecond"`
-	LatencyMs       *latencyJSON      `json:"latencyMs,omitempty"`
-	Server          *serverJSON       `json:"server,omitempty"`
-	ServerError     string            `json:"serverError,omitempty"`
-	Crypto          cryptoJSON        `json:"crypto"`
+	Mode            string  `json:"mode"`
+	Workers         int     `json:"workers,omitempty"`
+	Connections     int     `json:"connections,omitempty"`
+	CSRs            int     `json:"csrs,omitempty"`
+	DurationSeconds float64 `json:"durationSeconds,omitempty"`
+	RequestLimit    int64   `json:"requestLimit,omitempty"`
+	Interrupted     bool    `json:"interrupted"`
+	ElapsedSeconds  float64 `json:"elapsedSeconds"`
+	// OK, Errors, CertsPerSecond and LatencyMs are those of the new
+	// workloads in storm and mixed: their final errors, and the latency of
+	// the whole workload.
+	OK             int               `json:"ok"`
+	Errors         map[string]int    `json:"errors"`
+	ErrorSamples   map[string]string `json:"errorSamples,omitempty"`
+	CertsPerSecond float64           `json:"certsPerSecond"`
+	LatencyMs      *latencyJSON      `json:"latencyMs,omitempty"`
+	// Storm is the storm's details (storm and mixed).
+	Storm *stormJSON `json:"storm,omitempty"`
+	// Renewals are the renewing clients' figures (mixed).
+	Renewals    *renewalsJSON `json:"renewals,omitempty"`
+	Server      *serverJSON   `json:"server,omitempty"`
+	ServerError string        `json:"serverError,omitempty"`
+	Crypto      cryptoJSON    `json:"crypto"`
 	// EfficiencyPercent is absent when the server's CPU per cert is unknown.
 	EfficiencyPercent *float64 `json:"efficiencyPercent,omitempty"`
 }
@@ -439,6 +636,18 @@ type latencyJSON struct {
 	Max  float64 `json:"max"`
 	Mean float64 `json:"mean"`
 }
+
+// latencyMs returns l in milliseconds, or nil when it holds nothing.
+func latencyMs(l latencySummary) *latencyJSON {
+	if l.Count == 0 {
+		return nil
+	}
+	return &latencyJSON{P50: toMs(l.P50), P90: toMs(l.P90), P99: toMs(l.P99), Max: toMs(l.Max), Mean: toMs(l.Mean)}
+}
+
+func toMs(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+func toMicros(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
 
 type serverJSON struct {
 	CPUSeconds       *float64 `json:"cpuSeconds,omitempty"`
@@ -457,37 +666,17 @@ type cryptoJSON struct {
 	CoresFrom     string  `json:"coresFrom"`
 }
 
-func (r *benchReport) json() benchJSON {
-	ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
-	us := func(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
+// fillJSON sets the server, crypto and efficiency fields of out.
+func (r *benchCommon) fillJSON(out *benchJSON) {
 	cores, whose := r.cores()
-	out := benchJSON{
-		Workers:         r.Workers,
-		Connections:     r.Connections,
-		CSRs:            r.CSRs,
-		DurationSeconds: r.Duration.Seconds(),
-		RequestLimit:    r.Requests,
-		Interrupted:     r.Interrupted,
-		ElapsedSeconds:  r.Elapsed.Seconds(),
-		OK:              r.OK,
-		Errors:          r.Errors,
-		ErrorSamples:    r.ErrorSamples,
-		CertsPerSecond:  r.rate(),
-		ServerError:     r.ServerError,
-		Crypto: cryptoJSON{
-			PerCertMicros: us(r.Crypto.perCert),
-			Iterations:    r.Crypto.iterations,
-			LimitPerCore:  r.Crypto.limit(1),
-			Cores:         cores,
-			LimitAllCores: r.Crypto.limit(cores),
-			CoresFrom:     whose,
-		},
-	}
-	if out.Errors == nil {
-		out.Errors = map[string]int{}
-	}
-	if l := r.Latency; l.Count > 0 {
-		out.LatencyMs = &latencyJSON{P50: ms(l.P50), P90: ms(l.P90), P99: ms(l.P99), Max: ms(l.Max), Mean: ms(l.Mean)}
+	out.ServerError = r.ServerError
+	out.Crypto = cryptoJSON{
+		PerCertMicros: toMicros(r.Crypto.perCert),
+		Iterations:    r.Crypto.iterations,
+		LimitPerCore:  r.Crypto.limit(1),
+		Cores:         cores,
+		LimitAllCores: r.Crypto.limit(cores),
+		CoresFrom:     whose,
 	}
 	if f := r.Server; f != nil {
 		s := &serverJSON{Issued: f.issued, GOMAXPROCS: f.gomaxprocs}
@@ -496,7 +685,7 @@ func (r *benchReport) json() benchJSON {
 			s.CPUSeconds = &cpu
 		}
 		if perCert, ok := f.cpuPerCert(); ok {
-			v := us(perCert)
+			v := toMicros(perCert)
 			s.CPUPerCertMicros = &v
 		}
 		if f.hasRSS {
@@ -508,6 +697,28 @@ func (r *benchReport) json() benchJSON {
 	if e, ok := r.efficiency(); ok {
 		out.EfficiencyPercent = &e
 	}
+}
+
+func (r *benchReport) json() benchJSON {
+	out := benchJSON{
+		Mode:            modeSteady,
+		Workers:         r.Workers,
+		Connections:     r.Connections,
+		CSRs:            r.CSRs,
+		DurationSeconds: r.Duration.Seconds(),
+		RequestLimit:    r.Requests,
+		Interrupted:     r.Interrupted,
+		ElapsedSeconds:  r.Elapsed.Seconds(),
+		OK:              r.OK,
+		Errors:          r.Errors,
+		ErrorSamples:    r.ErrorSamples,
+		CertsPerSecond:  r.rate(),
+		LatencyMs:       latencyMs(r.Latency),
+	}
+	if out.Errors == nil {
+		out.Errors = map[string]int{}
+	}
+	r.fillJSON(&out)
 	return out
 }
 

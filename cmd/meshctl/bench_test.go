@@ -18,8 +18,10 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/meshca/meshca/testca"
 )
@@ -337,11 +339,17 @@ func isSorted(d []time.Duration) bool {
 func testReport() benchReport {
 	return benchReport{
 		Workers: 8, Connections: 1, CSRs: 256, Duration: 10 * time.Second,
+		Elapsed:     10 * time.Second,
+		OK:          41234,
+		Errors:      map[string]int{},
+		Latency:     latencySummary{Count: 41234, P50: ms(1.71), P90: ms(2.8), P99: ms(4.9), Max: ms(12.3), Mean: ms(1.9)},
+		benchCommon: testCommon(),
+	}
+}
+
+func testCommon() benchCommon {
+	return benchCommon{
 		MetricsURL: "http://127.0.0.1:9402/metrics",
-		Elapsed:    10 * time.Second,
-		OK:         41234,
-		Errors:     map[string]int{},
-		Latency:    latencySummary{Count: 41234, P50: ms(1.71), P90: ms(2.8), P99: ms(4.9), Max: ms(12.3), Mean: ms(1.9)},
 		Server: &serverFigures{
 			cpu: 19800 * time.Millisecond, hasCPU: true, issued: 48011,
 			rssBytes: 45.2 * (1 << 20), hasRSS: true, gomaxprocs: 2,
@@ -416,6 +424,8 @@ func TestBenchReportJSON(t *testing.T) {
 	require.Equal(t, "server", crypto["coresFrom"])
 	require.InDelta(t, 23.03, got["efficiencyPercent"], 0.01)
 	require.Equal(t, false, got["interrupted"])
+	require.Equal(t, "steady", got["mode"])
+	require.NotContains(t, got, "storm")
 }
 
 func TestFormatDuration(t *testing.T) {
@@ -455,6 +465,18 @@ func TestBenchFlags(t *testing.T) {
 		{name: "bad id", args: []string{"--spiffe-id", "http://x/y"}, want: "--spiffe-id: scheme is missing or invalid"},
 		{name: "no token", args: []string{id}, want: "no credential: give --token-file (or --token)"},
 		{name: "two tokens", args: []string{id, "--token", "x", "--token-file", "y"}, want: "give --token or --token-file, not both"},
+		{name: "mode", args: []string{"--mode", "burst", id}, want: `--mode "burst": want steady, storm or mixed`},
+		{name: "storm has no duration", args: []string{"--mode", "storm", "-d", "5s", id}, want: "--duration is for --mode steady: a storm ends when its -n workloads are done"},
+		{name: "storm has no connections", args: []string{"--mode", "storm", "--connections", "2", id}, want: "--connections is for --mode steady: a storm ends when its -n workloads are done"},
+		{name: "storm has no csrs", args: []string{"--mode", "storm", "--csrs", "2", id}, want: "--csrs is for --mode steady, or the renewals' key pool of --mode mixed with --keys ahead"},
+		{name: "storm workloads", args: []string{"--mode", "storm", "-n", "0", id}, want: "-n 0: want at least 1 workload"},
+		{name: "storm keys", args: []string{"--mode", "storm", "--keys", "later", id}, want: `--keys "later": want ahead or inline`},
+		{name: "workload timeout", args: []string{"--mode", "storm", "--workload-timeout", "0s", id}, want: "--workload-timeout 0s: want more than 0"},
+		{name: "renewals outside mixed", args: []string{"--mode", "storm", "--renewals", "3", id}, want: "--renewals is for --mode mixed"},
+		{name: "mixed needs renewals", args: []string{"--mode", "mixed", id}, want: "--renewals 0: --mode mixed wants at least 1 renewing client"},
+		{name: "hold outside storm", args: []string{"--mode", "mixed", "--renewals", "2", "--hold", id}, want: "--hold is for --mode storm"},
+		{name: "steady has no hold", args: []string{"--hold", id}, want: "--hold is for --mode storm or mixed"},
+		{name: "steady has no keys", args: []string{"--keys", "inline", id}, want: "--keys is for --mode storm or mixed"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -494,4 +516,138 @@ func TestCheckIssued(t *testing.T) {
 	require.EqualError(t, checkIssued(svid.Certificates, roots, id, testca.NewKey(t)), "server issued a certificate for another key")
 	err := checkIssued(svid.Certificates, []*x509.Certificate{testca.New(t, td).Cert}, id, key)
 	require.ErrorContains(t, err, "server's response does not verify against its bundle: ")
+}
+
+func TestRetryDelay(t *testing.T) {
+	shed, err := status.New(codes.ResourceExhausted, "shedding").WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(200 * time.Millisecond)})
+	require.NoError(t, err)
+	tests := []struct {
+		name      string
+		err       error
+		attempt   int
+		min, max  time.Duration
+		shed, try bool
+	}{
+		{name: "shed: the hint plus up to half", err: shed.Err(), attempt: 3, min: 200 * time.Millisecond, max: 300 * time.Millisecond, shed: true, try: true},
+		{name: "exhausted without a hint: backoff", err: status.Error(codes.ResourceExhausted, "full"), min: 100 * time.Millisecond, max: 150 * time.Millisecond, try: true},
+		{name: "unavailable: backoff doubles", err: status.Error(codes.Unavailable, "refused"), attempt: 2, min: 400 * time.Millisecond, max: 600 * time.Millisecond, try: true},
+		{name: "deadline: backoff is capped", err: status.Error(codes.DeadlineExceeded, "slow"), attempt: 40, min: 5 * time.Second, max: 7500 * time.Millisecond, try: true},
+		{name: "denied is final", err: status.Error(codes.PermissionDenied, "banned")},
+		{name: "unauthenticated is final", err: status.Error(codes.Unauthenticated, "bad token")},
+		{name: "not a status is final", err: errInvalidResponse},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			for range 50 {
+				wait, shed, try := retryDelay(tt.err, tt.attempt)
+				require.Equal(t, tt.shed, shed)
+				require.Equal(t, tt.try, try)
+				require.GreaterOrEqual(t, wait, tt.min)
+				require.LessOrEqual(t, wait, tt.max)
+			}
+		})
+	}
+}
+
+func testStormReport() stormReport {
+	lat := func(p50, p90, p99, mx float64) latencySummary {
+		return latencySummary{Count: 1, P50: ms(p50), P90: ms(p90), P99: ms(p99), Max: ms(mx)}
+	}
+	c := testCommon()
+	c.Server.issued = 10000
+	c.Server.rssBytes = 140 * (1 << 20)
+	return stormReport{
+		Mode: modeStorm, Workloads: 10000, InFlight: 256, Keys: keysAhead, KeysMade: 10000, KeygenTime: 1500 * time.Millisecond,
+		WorkloadTimeout: time.Minute, FileLimit: 20000,
+		Elapsed: 8 * time.Second,
+		New: stormFigures{
+			OK: 9998, Shed: 37,
+			Retried: codeCounts{counts: map[string]int{"Unavailable": 3}, first: map[string]string{"Unavailable": "connection refused"}},
+			Failed:  codeCounts{counts: map[string]int{"DeadlineExceeded": 2}, first: map[string]string{"DeadlineExceeded": "context deadline exceeded"}},
+			Total:   lat(180, 320, 610, 1900),
+			Connect: lat(150, 280, 550, 1800),
+			Sign:    lat(20, 35, 60, 120),
+		},
+		RSSBefore: 40 * (1 << 20), HasRSSBefore: true,
+		PeakRSS: 180 * (1 << 20), RSSSamples: 33,
+		benchCommon: c,
+	}
+}
+
+func TestStormReportText(t *testing.T) {
+	r := testStormReport()
+	require.Equal(t, "meshctl bench storm: 10000 new workloads, 256 in flight, each a new P-256 key and a new TLS connection; 10000 keys made ahead in 1.50s (not measured); workload timeout 1m0s", r.header())
+	var out bytes.Buffer
+	r.writeText(&out)
+	require.Equal(t, `workloads  9998 certified, 2 failed in 8.00s (wall: first start to last certificate)
+rate       1249.8 certs/s
+shed       37 (ResourceExhausted with RetryInfo: retried after the hint)
+retried    Unavailable 3 (first: connection refused)
+errors     DeadlineExceeded 2 (first: context deadline exceeded)
+workload   p50 180ms  p90 320ms  p99 610ms  max 1.90s  (new connection, TLS handshake and Sign, with retries)
+connect    p50 150ms  p90 280ms  p99 550ms  max 1.80s  (TCP, TLS handshake, HTTP/2 ready)
+sign       p50 20.0ms  p90 35.0ms  p99 60.0ms  max 120ms  (the Sign RPC alone)
+peak RSS   180.0 MiB (33 samples, every 250ms)
+server     CPU 1.98ms/cert (19.80s CPU for 10000 certs), RSS 140.0 MiB
+crypto     in-process P-256 CSR verify + sign: 95.0µs/cert (limit 10526 certs/s per core, 21053 certs/s on 2 cores, server GOMAXPROCS)
+efficiency 4.8% (crypto cost / server CPU per cert)
+`, out.String())
+
+	t.Run("mixed and hold", func(t *testing.T) {
+		r := testStormReport()
+		r.Mode, r.Renewers, r.Keys = modeMixed, 64, keysInline
+		r.New.Retried, r.New.Failed = codeCounts{}, codeCounts{}
+		r.Renewals = stormFigures{OK: 4000, Total: ms2(3, 5, 9, 20), Sign: ms2(1, 2, 4, 8)}
+		require.Equal(t, "meshctl bench mixed: 10000 new workloads, 256 in flight, each a new P-256 key and a new TLS connection, and 64 clients renewing over mTLS; keys made inline (measured); workload timeout 1m0s", r.header())
+		var out bytes.Buffer
+		r.writeText(&out)
+		require.Contains(t, out.String(), "errors     none\n")
+		require.Contains(t, out.String(), `renewals   64 clients: 4000 renewed, 0 failed (500.0 certs/s)
+ren. shed  0 (ResourceExhausted with RetryInfo: retried after the hint)
+ren. error none
+renewal    p50 3.00ms  p90 5.00ms  p99 9.00ms  max 20.0ms  (new mTLS connection and Sign, with retries)
+renew sign p50 1.00ms  p90 2.00ms  p99 4.00ms  max 8.00ms  (the Sign RPC alone)
+`)
+
+		r.Mode, r.Hold, r.Held = modeStorm, true, 10000
+		out.Reset()
+		r.writeText(&out)
+		require.Contains(t, out.String(), `held       10000 clients connected with a bundle watch, 0 failed to open one
+memory     +100.0 MiB server RSS with 10000 clients connected: 10.2 KiB per connected client
+`)
+		got := r.json()
+		require.InDelta(t, 10.24*1024, *got.Storm.MemoryPerClientBytes, 1)
+		require.InDelta(t, 100*(1<<20), *got.Storm.RSSIncreaseBytes, 1)
+	})
+}
+
+func ms2(p50, p90, p99, mx float64) latencySummary {
+	return latencySummary{Count: 1, P50: ms(p50), P90: ms(p90), P99: ms(p99), Max: ms(mx)}
+}
+
+func TestStormReportJSON(t *testing.T) {
+	r := testStormReport()
+	data, err := json.Marshal(r.json())
+	require.NoError(t, err)
+	var got map[string]any
+	require.NoError(t, json.Unmarshal(data, &got))
+	require.Equal(t, "storm", got["mode"])
+	require.Equal(t, float64(9998), got["ok"])
+	require.Equal(t, map[string]any{"DeadlineExceeded": float64(2)}, got["errors"])
+	require.InDelta(t, 1249.75, got["certsPerSecond"], 1e-9)
+	require.InDelta(t, 180, got["latencyMs"].(map[string]any)["p50"], 1e-9)
+	for _, k := range []string{"workers", "connections", "csrs", "durationSeconds", "renewals"} {
+		require.NotContains(t, got, k)
+	}
+	storm := got["storm"].(map[string]any)
+	require.Equal(t, float64(37), storm["shedRetried"])
+	require.Equal(t, map[string]any{"Unavailable": float64(3)}, storm["retried"])
+	require.Equal(t, float64(2), storm["failed"])
+	require.InDelta(t, 8, storm["wallSeconds"], 1e-9)
+	require.InDelta(t, 20, storm["signLatencyMs"].(map[string]any)["p50"], 1e-9)
+	require.InDelta(t, 180*(1<<20), storm["peakRSSBytes"], 1)
+	require.Equal(t, float64(20000), storm["fileLimit"])
+	require.NotContains(t, storm, "memoryPerClientBytes")
+	require.InDelta(t, 1980, got["server"].(map[string]any)["cpuPerCertMicros"], 1e-6)
+	require.Contains(t, got, "efficiencyPercent")
 }
