@@ -6,6 +6,7 @@
 # new temporary data directory, runs
 #
 #   steady  -c 8 -d 10s                     (Sign over one long-lived connection)
+#   steady  -c 8 -d 10s --batch 32          (SignBatch of 32 token entries a call)
 #   storm   -n 1000                         (new key and new TLS connection each)
 #   storm   -n 10000
 #   mixed   -n 5000 --renewals 64           (new workloads while 64 clients renew over mTLS)
@@ -89,6 +90,7 @@ run() {
 }
 
 run --mode steady -c 8 -d 10s
+run --mode steady -c 8 -d 10s --batch 32
 run --mode storm -n 1000
 run --mode storm -n 10000
 run --mode mixed -n 5000 --renewals 64

@@ -24,7 +24,9 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
 )
@@ -56,6 +58,7 @@ type benchOptions struct {
 	duration    time.Duration
 	requests    int64
 	csrs        int
+	batch       int
 	token       string
 	tokenFile   string
 	spiffeID    string
@@ -171,6 +174,9 @@ handshakes and HTTP/2, authentication, audit logging.`,
     --token-file .meshca/demo-token --spiffe-id spiffe://meshca.local/ns/default/sa/demo
   meshctl bench -n 1000 -d 0 --metrics-url "" -o json --ca-bundle .meshca/bundle.pem \
     --token-file .meshca/demo-token --spiffe-id spiffe://meshca.local/ns/default/sa/demo
+  # the same load as SignBatch calls of 32 certificates each
+  meshctl bench --batch 32 --ca-bundle .meshca/bundle.pem --token-file .meshca/demo-token \
+    --spiffe-id spiffe://meshca.local/ns/default/sa/demo
 
   # storm: 10,000 new workloads, 256 in flight, each a new key and a new connection
   meshctl bench --mode storm -n 10000 --ca-bundle .meshca/bundle.pem \
@@ -200,6 +206,7 @@ handshakes and HTTP/2, authentication, audit logging.`,
 	f.StringVar(&o.spiffeID, "spiffe-id", "", "SPIFFE ID of the token, asked for by every CSR")
 	f.StringVar(&o.metricsURL, "metrics-url", "http://127.0.0.1:9402/metrics", `the server's Prometheus metrics, for its CPU and memory ("" to skip)`)
 	f.IntVar(&o.connections, "connections", 1, "steady: number of gRPC connections the workers share")
+	f.IntVar(&o.batch, "batch", 1, fmt.Sprintf("steady: certificates per call; more than 1 sends SignBatch with that many token entries (at most %d) instead of Sign", maxBenchBatch))
 	f.StringVarP(&o.output, "output", "o", "text", "output format: text or json")
 	f.StringVar(&o.keys, "keys", keysAhead, `storm, mixed: make the workloads' keys "ahead" of the run or "inline", inside it`)
 	f.DurationVar(&o.workloadTimeout, "workload-timeout", 60*time.Second, "storm, mixed: a workload without a certificate this long after it started is a final error")
@@ -223,7 +230,7 @@ func (o *benchOptions) complete(cmd *cobra.Command) error {
 			}
 		}
 	case modeStorm, modeMixed:
-		for _, name := range []string{"duration", "connections"} {
+		for _, name := range []string{"duration", "connections", "batch"} {
 			if changed(name) {
 				return fmt.Errorf("--%s is for --mode steady: a %s ends when its -n workloads are done", name, o.mode)
 			}
@@ -259,6 +266,8 @@ func (o *benchOptions) validate() error {
 		return errors.New("--spiffe-id is required: every CSR asks for the token's identity")
 	case o.csrs < 1:
 		return fmt.Errorf("--csrs %d: want at least 1", o.csrs)
+	case o.batch < 1 || o.batch > maxBenchBatch:
+		return fmt.Errorf("--batch %d: want 1 (Sign) to %d (SignBatch entries)", o.batch, maxBenchBatch)
 	}
 	if o.mode != modeSteady {
 		switch {
@@ -346,6 +355,7 @@ func (o *benchOptions) runSteady(ctx context.Context, stop context.CancelFunc, c
 		Workers:     o.concurrency,
 		Connections: o.connections,
 		CSRs:        o.csrs,
+		Batch:       o.batch,
 		Duration:    o.duration,
 		Requests:    o.requests,
 		benchCommon: benchCommon{MetricsURL: o.metricsURL},
@@ -388,8 +398,13 @@ func (o *benchOptions) runSteady(ctx context.Context, stop context.CancelFunc, c
 		fmt.Fprintln(stdout, r.header())
 	}
 	workers := o.concurrency
-	res := runLoad(authCtx, loadConfig{workers: workers, duration: o.duration, requests: o.requests},
-		func(ctx context.Context, worker, i int) error {
+	call := func(ctx context.Context, worker, i int) error {
+		ctx, cancel := context.WithTimeout(ctx, o.server.timeout)
+		defer cancel()
+		return signBatch(ctx, clients[worker%len(clients)], reqs, (worker+i*workers)*o.batch, o.batch, token)
+	}
+	if o.batch == 1 {
+		call = func(ctx context.Context, worker, i int) error {
 			ctx, cancel := context.WithTimeout(ctx, o.server.timeout)
 			defer cancel()
 			req := reqs[(worker+i*workers)%len(reqs)]
@@ -401,7 +416,9 @@ func (o *benchOptions) runSteady(ctx context.Context, stop context.CancelFunc, c
 				return errInvalidResponse
 			}
 			return nil
-		})
+		}
+	}
+	res := runLoad(authCtx, loadConfig{workers: workers, duration: o.duration, requests: o.requests}, call)
 	r.Interrupted = ctx.Err() != nil
 	stop() // a second interrupt ends meshctl at once
 	r.setLoad(res)
@@ -415,6 +432,39 @@ func (o *benchOptions) runSteady(ctx context.Context, stop context.CancelFunc, c
 		return writeJSON(stdout, r.json())
 	}
 	r.writeText(stdout)
+	return nil
+}
+
+// maxBenchBatch is the most entries --batch sends in one SignBatch: the
+// server's limit.
+const maxBenchBatch = 64
+
+// signBatch sends one SignBatch of n entries, each with the token and the
+// next of reqs' CSRs from first on. A refused entry fails the call, with
+// its code.
+func signBatch(ctx context.Context, client meshcav1.CertificateServiceClient, reqs []*meshcav1.SignRequest, first, n int, token string) error {
+	entries := make([]*meshcav1.SignBatchEntry, n)
+	for k := range entries {
+		entries[k] = &meshcav1.SignBatchEntry{
+			Csr:        reqs[(first+k)%len(reqs)].GetCsr(),
+			Credential: &meshcav1.SignBatchEntry_Token{Token: token},
+		}
+	}
+	resp, err := client.SignBatch(ctx, &meshcav1.SignBatchRequest{Entries: entries})
+	if err != nil {
+		return err
+	}
+	if len(resp.GetResults()) != n {
+		return errInvalidResponse
+	}
+	for _, res := range resp.GetResults() {
+		if c := codes.Code(res.GetCode()); c != codes.OK {
+			return status.Error(c, res.GetMessage())
+		}
+		if len(res.GetCertChain()) == 0 {
+			return errInvalidResponse
+		}
+	}
 	return nil
 }
 
@@ -477,8 +527,11 @@ type benchCommon struct {
 // benchReport is everything bench --mode steady measured.
 type benchReport struct {
 	Workers, Connections, CSRs int
-	Duration                   time.Duration
-	Requests                   int64
+	// Batch is the certificates asked for per call: 1 is Sign, more is
+	// SignBatch.
+	Batch    int
+	Duration time.Duration
+	Requests int64
 
 	Interrupted  bool
 	Elapsed      time.Duration
@@ -510,7 +563,7 @@ func (r *benchReport) rate() float64 {
 	if r.Elapsed <= 0 {
 		return 0
 	}
-	return float64(r.OK) / r.Elapsed.Seconds()
+	return float64(r.OK*max(r.Batch, 1)) / r.Elapsed.Seconds()
 }
 
 // cores returns the number of cores the multi-core limit is for: the
@@ -541,8 +594,12 @@ func (r *benchReport) header() string {
 	case r.Requests > 0:
 		limit = fmt.Sprintf("%d requests", r.Requests)
 	}
-	return fmt.Sprintf("meshctl bench: %d workers, %s, %d connection(s), %d pre-made P-256 CSRs",
-		r.Workers, limit, r.Connections, r.CSRs)
+	api := ""
+	if r.Batch > 1 {
+		api = fmt.Sprintf(", SignBatch of %d token entries (latency and requests are per call; rate is in certificates)", r.Batch)
+	}
+	return fmt.Sprintf("meshctl bench: %d workers, %s, %d connection(s), %d pre-made P-256 CSRs%s",
+		r.Workers, limit, r.Connections, r.CSRs, api)
 }
 
 func (r *benchReport) writeText(w io.Writer) {
@@ -606,6 +663,7 @@ type benchJSON struct {
 	Workers         int     `json:"workers,omitempty"`
 	Connections     int     `json:"connections,omitempty"`
 	CSRs            int     `json:"csrs,omitempty"`
+	Batch           int     `json:"batch,omitempty"`
 	DurationSeconds float64 `json:"durationSeconds,omitempty"`
 	RequestLimit    int64   `json:"requestLimit,omitempty"`
 	Interrupted     bool    `json:"interrupted"`
@@ -705,6 +763,7 @@ func (r *benchReport) json() benchJSON {
 		Workers:         r.Workers,
 		Connections:     r.Connections,
 		CSRs:            r.CSRs,
+		Batch:           max(r.Batch, 1),
 		DurationSeconds: r.Duration.Seconds(),
 		RequestLimit:    r.Requests,
 		Interrupted:     r.Interrupted,

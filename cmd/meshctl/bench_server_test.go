@@ -469,3 +469,20 @@ func TestBenchMixedRenewsOverMTLS(t *testing.T) {
 	// have connected without calling.
 	require.GreaterOrEqual(t, b.accepts.Load(), int64(2+n+mtlsCalls))
 }
+
+// TestBenchSteadyBatch: --batch sends SignBatch calls of token entries;
+// the rate counts certificates, and the server issued every one.
+func TestBenchSteadyBatch(t *testing.T) {
+	b := startBenchServer(t)
+	got := runBenchJSON(t, b, "-d", "0", "-n", "5", "-c", "2", "--batch", "4")
+	requireFigures(t, got, "steady")
+	require.Equal(t, float64(4), got["batch"])
+	require.Equal(t, float64(5), got["ok"], "5 calls")
+	require.Equal(t, float64(20), got["server"].(map[string]any)["issued"], "4 certificates a call")
+	require.Len(t, b.signCalls(), 1, "one Sign, the preflight; the rest were SignBatch")
+
+	_, err := runMeshctl(t, b.args("--batch", "65")...)
+	require.ErrorContains(t, err, "--batch 65: want 1 (Sign) to 64 (SignBatch entries)")
+	_, err = runMeshctl(t, b.args("--mode", "storm", "--batch", "2")...)
+	require.ErrorContains(t, err, "--batch is for --mode steady")
+}
