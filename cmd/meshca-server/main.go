@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -45,7 +46,18 @@ const servingCertTTL = 24 * time.Hour
 // shutdownGrace is how long in-flight requests get to finish on SIGTERM.
 const shutdownGrace = 10 * time.Second
 
+// defaultGCPercent is the server's GOGC when the environment sets none.
+// The live heap is small (tens of MiB) and each certificate allocates
+// about 20 KiB, so at Go's default of 100 the collector runs many times a
+// second; 400 cuts its share of the CPU at full load by about half for
+// some tens of MiB more (docs/benchmarks.md). GOGC and GOMEMLIMIT in the
+// environment win.
+const defaultGCPercent = 400
+
 func main() {
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(defaultGCPercent)
+	}
 	if err := newCommand(os.Stdout, os.Stderr).Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "meshca-server:", err)
 		os.Exit(1)
