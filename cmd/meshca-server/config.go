@@ -125,6 +125,11 @@ type AdmissionConfig struct {
 	// Defaults 5s and 250ms.
 	MaxWaitFirst   Duration `json:"maxWaitFirst"`
 	MaxWaitRenewal Duration `json:"maxWaitRenewal"`
+
+	// MaxHandshakes bounds the TLS handshakes in progress: at the bound,
+	// no connection is accepted until one ends. Default 256; -1 turns
+	// the bound off.
+	MaxHandshakes int `json:"maxHandshakes"`
 }
 
 // LimitsConfig bounds callers of the gRPC API. 0 means no bound.
@@ -666,12 +671,15 @@ func (cc *completeConfig) completeLimits() error {
 		errs = append(errs, fmt.Errorf("admission.maxQueue %d must not be negative (0 is the default)", a.MaxQueue))
 	case a.MaxWaitFirst < 0 || a.MaxWaitRenewal < 0:
 		errs = append(errs, errors.New("admission.maxWaitFirst and admission.maxWaitRenewal must not be negative (0 is the default)"))
+	case a.MaxHandshakes < -1:
+		errs = append(errs, fmt.Errorf("admission.maxHandshakes %d: want a number of handshakes, 0 for the default or -1 for no bound", a.MaxHandshakes))
 	}
 	cc.admit = server.Admission{
 		MaxInFlight:    a.MaxInFlight,
 		MaxQueue:       a.MaxQueue,
 		MaxWaitFirst:   time.Duration(a.MaxWaitFirst),
 		MaxWaitRenewal: time.Duration(a.MaxWaitRenewal),
+		MaxHandshakes:  a.MaxHandshakes,
 	}
 	cc.limits = server.Limits{
 		PerSource:                server.Rate{PerSecond: l.PerSource.Rate, Burst: l.PerSource.Burst},

@@ -72,12 +72,13 @@ admission:
   maxQueue: 1000
   maxWaitFirst: 3s
   maxWaitRenewal: 100ms
+  maxHandshakes: 64
 `), 0o600))
 	cfg, err := loadConfig(path)
 	require.NoError(t, err)
 	cc, err = cfg.complete()
 	require.NoError(t, err)
-	require.Equal(t, server.Admission{MaxInFlight: 16, MaxQueue: 1000, MaxWaitFirst: 3 * time.Second, MaxWaitRenewal: 100 * time.Millisecond}, cc.admit)
+	require.Equal(t, server.Admission{MaxInFlight: 16, MaxQueue: 1000, MaxWaitFirst: 3 * time.Second, MaxWaitRenewal: 100 * time.Millisecond, MaxHandshakes: 64}, cc.admit)
 
 	_, err = Config{Admission: AdmissionConfig{MaxInFlight: -2}}.complete()
 	require.EqualError(t, err, "config: admission.maxInFlight -2: want a number of requests, 0 for the default or -1 for no bound")

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"io"
+	"net"
 	"testing"
 	"time"
 
@@ -194,4 +195,28 @@ func TestAdmissionOff(t *testing.T) {
 	for _, f := range families {
 		require.NotEqual(t, "meshca_signing_capacity", f.GetName())
 	}
+}
+
+// TestHandshakeGate: with every handshake slot held by a connection that
+// never sends its ClientHello, the listener accepts no more connections:
+// a client's call cannot complete. Once the stalled connection closes, the
+// client is served. The gauge shows the slot taken and given back.
+func TestHandshakeGate(t *testing.T) {
+	h := startServer(t, harnessOptions{
+		configure:     func(o *server.Options) { o.Admission.MaxHandshakes = 1 },
+		limitListener: true,
+	})
+	require.Equal(t, 1.0, metricValue(t, h.reg, "meshca_tls_handshake_capacity", nil))
+	stalled, err := net.Dial("tcp", h.addr)
+	require.NoError(t, err)
+	h.waitGauge("meshca_tls_handshakes_in_progress", nil, 1)
+
+	ctx, cancel := context.WithTimeout(withToken(demoToken), 500*time.Millisecond)
+	defer cancel()
+	_, err = meshcav1.NewCertificateServiceClient(h.conn(nil)).Sign(ctx, signCSR(t, demoID))
+	require.Equal(t, codes.DeadlineExceeded, status.Code(err), "no connection is accepted while the slot is held: %v", err)
+
+	require.NoError(t, stalled.Close())
+	h.sign(withToken(demoToken), h.conn(nil), demoID, 0)
+	h.waitGauge("meshca_tls_handshakes_in_progress", nil, 0)
 }

@@ -1,59 +1,183 @@
 package server
 
 import (
+	"fmt"
 	"net"
 	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc/credentials"
 )
 
-// LimitListener returns l bounded to Limits.MaxConnectionsPerSource open
-// connections from one source: a connection over the bound is closed as
-// soon as it is accepted, before any TLS work, and counted in
-// meshca_limit_refused_total{what="connection"}. The caller sees its
-// connection closed (gRPC's Unavailable) and may retry once it closes
-// another. With no bound, LimitListener returns l itself.
+// LimitListener returns l bounded as meshca-server serves it:
+//
+//   - to Admission.MaxHandshakes TLS handshakes in progress at once, over
+//     every source: while that many are in progress, l returns no more
+//     connections (one waits, accepted, for a slot), so
+//     that a restart storm waits in the kernel's accept backlog (which
+//     costs the server nothing, and makes callers' TCP stacks back off)
+//     instead of as thousands of half-open TLS connections sharing the CPU
+//     and memory until they all time out;
+//   - to Limits.MaxConnectionsPerSource open connections from one source:
+//     a connection over that bound is closed as soon as it is accepted,
+//     before any TLS work, and counted in
+//     meshca_limit_refused_total{what="connection"}. The caller sees its
+//     connection closed (gRPC's Unavailable) and may retry once it closes
+//     another.
+//
+// The handshake bound needs the server's own transport credentials
+// (GRPCServer), which say when a handshake is over. With neither bound,
+// LimitListener returns l itself.
 func (s *Server) LimitListener(l net.Listener) net.Listener {
-	if s.limits.conns == nil {
+	if s.limits.conns == nil && s.handshakes == nil {
 		return l
 	}
-	return &limitListener{Listener: l, limits: s.limits}
+	return &limitListener{Listener: l, limits: s.limits, handshakes: s.handshakes, closed: make(chan struct{})}
 }
 
 type limitListener struct {
 	net.Listener
-	limits *limiter
+	limits     *limiter
+	handshakes *handshakeGate
+
+	closeOnce sync.Once
+	closed    chan struct{}
 }
 
-// Accept returns the next connection within the bound; the others are
-// closed and never returned, so that the server's accept loop does not
-// back off on them.
+// Accept returns the next connection within the bounds; those over the
+// per-source bound are closed and never returned, so that the server's
+// accept loop does not back off on them.
 func (l *limitListener) Accept() (net.Conn, error) {
 	for {
 		c, err := l.Listener.Accept()
 		if err != nil {
 			return nil, err
 		}
-		src := sourceOf(c.RemoteAddr())
-		if !l.limits.conns.acquire(src) {
-			l.limits.refused.WithLabelValues("connection").Inc()
+		// The next connection waits here, accepted, while the bound is
+		// reached; the ones after it wait in the kernel's backlog.
+		if !l.handshakes.acquire(l.closed) {
 			c.Close()
-			continue
+			return nil, net.ErrClosed
 		}
-		l.limits.connsOpen.Inc()
-		return &limitConn{Conn: c, release: sync.OnceFunc(func() {
-			l.limits.conns.release(src)
-			l.limits.connsOpen.Dec()
-		})}, nil
+		lc := &limitConn{Conn: c}
+		if l.handshakes != nil {
+			lc.handshakeDone = sync.OnceFunc(l.handshakes.release)
+		}
+		if l.limits.conns != nil {
+			src := sourceOf(c.RemoteAddr())
+			if !l.limits.conns.acquire(src) {
+				l.limits.refused.WithLabelValues("connection").Inc()
+				lc.Close()
+				continue
+			}
+			l.limits.connsOpen.Inc()
+			lc.release = sync.OnceFunc(func() {
+				l.limits.conns.release(src)
+				l.limits.connsOpen.Dec()
+			})
+		}
+		return lc, nil
 	}
 }
 
-// limitConn releases its count once, on the first Close.
+// Close closes the listener and ends an Accept waiting for a handshake to
+// finish.
+func (l *limitListener) Close() error {
+	l.closeOnce.Do(func() { close(l.closed) })
+	return l.Listener.Close()
+}
+
+// limitConn gives back its handshake slot when its handshake is over or
+// it closes, whichever comes first, and its per-source count on its first
+// Close. Either may be nil.
 type limitConn struct {
 	net.Conn
-	release func()
+	handshakeDone func()
+	release       func()
 }
 
 func (c *limitConn) Close() error {
 	err := c.Conn.Close()
-	c.release()
+	c.finishHandshake()
+	if c.release != nil {
+		c.release()
+	}
 	return err
+}
+
+func (c *limitConn) finishHandshake() {
+	if c.handshakeDone != nil {
+		c.handshakeDone()
+	}
+}
+
+// handshakeGate bounds the TLS handshakes in progress. A nil gate bounds
+// nothing.
+type handshakeGate struct {
+	slots chan struct{}
+}
+
+// acquire takes a slot, waiting for one; it reports false when closed
+// closes first.
+func (g *handshakeGate) acquire(closed <-chan struct{}) bool {
+	if g == nil {
+		return true
+	}
+	select {
+	case g.slots <- struct{}{}:
+		return true
+	case <-closed:
+		return false
+	}
+}
+
+func (g *handshakeGate) release() {
+	if g != nil {
+		<-g.slots
+	}
+}
+
+// gatedCreds are the server's transport credentials, telling a connection
+// from LimitListener when its handshake is over.
+type gatedCreds struct {
+	credentials.TransportCredentials
+}
+
+func (c gatedCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	conn, info, err := c.TransportCredentials.ServerHandshake(raw)
+	if lc, ok := raw.(*limitConn); ok {
+		lc.finishHandshake()
+	}
+	return conn, info, err
+}
+
+func (c gatedCreds) Clone() credentials.TransportCredentials {
+	return gatedCreds{TransportCredentials: c.TransportCredentials.Clone()}
+}
+
+// newHandshakeGate returns the gate of Admission.MaxHandshakes, nil when
+// it is negative (no bound), with its metrics.
+func newHandshakeGate(max int, reg prometheus.Registerer) (*handshakeGate, error) {
+	if max < 0 {
+		return nil, nil
+	}
+	if max == 0 {
+		max = DefaultMaxHandshakes
+	}
+	g := &handshakeGate{slots: make(chan struct{}, max)}
+	for _, col := range []prometheus.Collector{
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "meshca_tls_handshakes_in_progress",
+			Help: "TLS handshakes in progress on the gRPC listener; at admission.maxHandshakes, no more connections are accepted until one ends.",
+		}, func() float64 { return float64(len(g.slots)) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "meshca_tls_handshake_capacity",
+			Help: "The bound on TLS handshakes in progress (admission.maxHandshakes).",
+		}, func() float64 { return float64(max) }),
+	} {
+		if err := reg.Register(col); err != nil {
+			return nil, fmt.Errorf("server: registering handshake metrics: %w", err)
+		}
+	}
+	return g, nil
 }

@@ -132,6 +132,8 @@ type Server struct {
 	limits   *limiter
 	bans     BanList
 	admit    *admission
+	// handshakes bounds TLS handshakes on LimitListener's listeners.
+	handshakes *handshakeGate
 
 	stopOnce sync.Once
 	stopping chan struct{} // closed by Shutdown
@@ -180,6 +182,10 @@ func New(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	handshakes, err := newHandshakeGate(opts.Admission.MaxHandshakes, opts.Registerer)
+	if err != nil {
+		return nil, err
+	}
 	return &Server{
 		ca:       opts.CA,
 		authn:    opts.Authenticator,
@@ -198,6 +204,8 @@ func New(opts Options) (*Server, error) {
 		limits:   limits,
 		bans:     opts.Bans,
 		admit:    admit,
+
+		handshakes: handshakes,
 	}, nil
 }
 
@@ -210,7 +218,10 @@ func New(opts Options) (*Server, error) {
 // of a failed handshake.
 func (s *Server) GRPCServer(tlsConfig *tls.Config, opts ...grpc.ServerOption) *grpc.Server {
 	opts = append([]grpc.ServerOption{
-		grpc.Creds(credentials.NewTLS(tlsConfig)),
+		// The credentials tell LimitListener when a handshake is over,
+		// and a handshake that takes longer than handshakeTimeout ends.
+		grpc.Creds(gatedCreds{TransportCredentials: credentials.NewTLS(tlsConfig)}),
+		grpc.ConnectionTimeout(handshakeTimeout),
 		grpc.MaxRecvMsgSize(s.maxBytes),
 		// Headers carry the bearer token (8 KiB at most) and little else.
 		grpc.MaxHeaderListSize(maxHeaderBytes),
