@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strings"
 	"syscall"
@@ -59,6 +60,7 @@ type benchOptions struct {
 	requests    int64
 	csrs        int
 	batch       int
+	cpuProfile  string
 	token       string
 	tokenFile   string
 	spiffeID    string
@@ -208,6 +210,7 @@ handshakes and HTTP/2, authentication, audit logging.`,
 	f.IntVar(&o.connections, "connections", 1, "steady: number of gRPC connections the workers share")
 	f.IntVar(&o.batch, "batch", 1, fmt.Sprintf("steady: certificates per call; more than 1 sends SignBatch with that many token entries (at most %d) instead of Sign", maxBenchBatch))
 	f.StringVarP(&o.output, "output", "o", "text", "output format: text or json")
+	f.StringVar(&o.cpuProfile, "cpu-profile", "", "write bench's own CPU profile to this file (go tool pprof): where the load generator's time goes")
 	f.StringVar(&o.keys, "keys", keysAhead, `storm, mixed: make the workloads' keys "ahead" of the run or "inline", inside it`)
 	f.DurationVar(&o.workloadTimeout, "workload-timeout", 60*time.Second, "storm, mixed: a workload without a certificate this long after it started is a final error")
 	f.IntVar(&o.renewals, "renewals", 0, "mixed: number of clients renewing over mTLS during the run")
@@ -316,6 +319,17 @@ func (o *benchOptions) run(cmd *cobra.Command) error {
 	}
 	ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if o.cpuProfile != "" {
+		f, err := os.Create(o.cpuProfile)
+		if err != nil {
+			return fmt.Errorf("--cpu-profile: %w", err)
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fmt.Errorf("--cpu-profile: %w", err)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	if o.mode == modeSteady {
 		return o.runSteady(ctx, stop, cmd, id, token)
 	}
