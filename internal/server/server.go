@@ -241,13 +241,12 @@ func (s *Server) GRPCServer(tlsConfig *tls.Config, opts ...grpc.ServerOption) *g
 		// 6 % of the CPU at full load). Beyond the pool (bundle watches
 		// hold their goroutine), gRPC starts goroutines as before.
 		grpc.NumStreamWorkers(uint32(streamWorkersPerCPU * runtime.GOMAXPROCS(0))),
-		// Memory per connected client: an idle connection (an agent
-		// between renewals, holding its bundle watch) gives its write
-		// buffer back to a shared pool, and reads through a small buffer
-		// (requests are about a kilobyte; TLS buffers a whole record
-		// below it anyway). gRPC's 32 KiB default read buffer was 40 %
-		// of the server's memory with thousands of agents connected.
-		grpc.SharedWriteBuffer(true),
+		// Memory per connected client: a connection reads through a
+		// small buffer (requests are about a kilobyte; TLS buffers a
+		// whole record below it anyway). gRPC's 32 KiB default read
+		// buffer was 40 % of the server's memory with thousands of
+		// agents connected. (An idle connection's write buffer goes back
+		// to a shared pool by default.)
 		grpc.ReadBufferSize(readBufferBytes),
 	}, opts...)
 	g := grpc.NewServer(opts...)
