@@ -231,7 +231,7 @@ func TestEndToEnd(t *testing.T) {
 	require.Equal(t, string(mustRead(t, bundle)), istioResp.CertChain[2])
 	_, err = linkerdpb.NewIdentityClient(conn).Certify(t.Context(), &linkerdpb.CertifyRequest{})
 	require.Equal(t, codes.Unimplemented, status.Code(err), "Linkerd's API is off outside Kubernetes mode")
-	require.Contains(t, srv.logs.String(), `"istio_api":true,"linkerd_api":false`)
+	srv.logs.waitFor(t, `"istio_api":true,"linkerd_api":false`)
 
 	// bench runs against it and reports server figures.
 	stdout, stderr, err = meshctl(t, "bench", "--server", srv.addr, "--ca-bundle", bundle, "--token-file", token,
@@ -353,6 +353,15 @@ func (b *lockedBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
+}
+
+// waitFor waits until the process has written s. What a process writes
+// before it answers a request reaches the buffer through a pipe, copied
+// by a goroutine of os/exec: it may arrive after the answer.
+func (b *lockedBuffer) waitFor(t testing.TB, s string) {
+	t.Helper()
+	require.Eventually(t, func() bool { return strings.Contains(b.String(), s) }, 10*time.Second, 5*time.Millisecond,
+		"the process never wrote %s; it wrote:\n%s", s, b.String())
 }
 
 // opensslVerify checks the chain in chainPath (leaf first) with openssl,
