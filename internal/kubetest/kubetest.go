@@ -102,30 +102,14 @@ func Start(t testing.TB) *Cluster {
 // cluster starts when a test first asks for it, so a run that selects no
 // such test starts nothing. Safe for parallel tests.
 type Shared struct {
-	mu      sync.Mutex
-	running bool
-	started bool
-	cluster *Cluster
-	err     error
+	shared testproc.Shared[*Cluster]
 }
 
 // Run runs the package's tests (m.Run) and then stops the shared cluster, if
 // one was started. It returns m.Run's exit code, so TestMain can end with
 // either `s.Run(m)` or `os.Exit(s.Run(m))`.
 func (s *Shared) Run(m *testing.M) int {
-	s.mu.Lock()
-	s.running = true
-	s.mu.Unlock()
-
-	code := m.Run()
-
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.running = false
-	if s.cluster != nil {
-		s.cluster.stop()
-	}
-	return code
+	return s.shared.Run(m, (*Cluster).stop)
 }
 
 // Cluster is the shared cluster, started on the first call. It fails the
@@ -134,19 +118,7 @@ func (s *Shared) Run(m *testing.M) int {
 func (s *Shared) Cluster(t testing.TB) *Cluster {
 	t.Helper()
 	skipIfOptedOut(t)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if !s.running {
-		t.Fatal("kubetest: Shared.Cluster called outside Shared.Run: add `func TestMain(m *testing.M) { kube.Run(m) }` to the package's tests")
-	}
-	if !s.started {
-		s.started = true
-		s.cluster, s.err = start(t.Logf)
-	}
-	if s.err != nil {
-		t.Fatal(s.err)
-	}
-	return s.cluster
+	return s.shared.Get(t, "kubetest: Shared.Cluster called outside Shared.Run: add `func TestMain(m *testing.M) { kube.Run(m) }` to the package's tests", start)
 }
 
 func skipIfOptedOut(t testing.TB) {

@@ -112,29 +112,13 @@ func Start(t testing.TB, opts ...Option) *Server {
 // server starts when a test first asks for it, so a run that selects no
 // such test starts nothing. Safe for parallel tests.
 type Shared struct {
-	mu      sync.Mutex
-	running bool
-	started bool
-	server  *Server
-	err     error
+	shared testproc.Shared[*Server]
 }
 
 // Run runs the package's tests (m.Run) and then stops the shared server,
 // if one was started. It returns m.Run's exit code.
 func (s *Shared) Run(m *testing.M) int {
-	s.mu.Lock()
-	s.running = true
-	s.mu.Unlock()
-
-	code := m.Run()
-
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.running = false
-	if s.server != nil {
-		s.server.stop()
-	}
-	return code
+	return s.shared.Run(m, (*Server).stop)
 }
 
 // Server is the shared server, started on the first call. It fails the
@@ -144,19 +128,8 @@ func (s *Shared) Run(m *testing.M) int {
 func (s *Shared) Server(t testing.TB) *Server {
 	t.Helper()
 	skipIfOptedOut(t)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if !s.running {
-		t.Fatal("vaulttest: Shared.Server called outside Shared.Run: add `func TestMain(m *testing.M) { vault.Run(m) }` to the package's tests")
-	}
-	if !s.started {
-		s.started = true
-		s.server, s.err = start(options{}, t.Logf)
-	}
-	if s.err != nil {
-		t.Fatal(s.err)
-	}
-	return s.server
+	return s.shared.Get(t, "vaulttest: Shared.Server called outside Shared.Run: add `func TestMain(m *testing.M) { vault.Run(m) }` to the package's tests",
+		func(logf func(string, ...any)) (*Server, error) { return start(options{}, logf) })
 }
 
 func skipIfOptedOut(t testing.TB) {
