@@ -48,6 +48,10 @@ type snapshot struct {
 	// verified is set once a signature of the fast path (signLeaf) has
 	// been checked against the issuer's certificate.
 	verified atomic.Bool
+
+	// leafExtensions are the issuer's constant leaf extensions, encoded
+	// once (leafExtensionsOf).
+	leafExtensions leafExtensions
 }
 
 // Issued is a signed certificate with the chain to serve with it.
@@ -98,7 +102,7 @@ func newSnapshot(set *AuthoritySet) *snapshot {
 	chain := make([]*x509.Certificate, 0, 1+len(set.Chain))
 	chain = append(chain, set.Issuer.Cert)
 	chain = append(chain, set.Chain...)
-	return &snapshot{set: set, bundle: set.Bundle(), chain: chain}
+	return &snapshot{set: set, bundle: set.Bundle(), chain: chain, leafExtensions: leafExtensionsOf(set.Issuer.Cert)}
 }
 
 // TrustDomain returns the trust domain the CA issues for.
@@ -209,7 +213,7 @@ func (c *CA) Sign(ctx context.Context, req SignRequest) (*Issued, error) {
 	var cert *x509.Certificate
 	key, fast := fastSigner(tmpl, issuer)
 	if fast {
-		cert, err = signLeaf(tmpl, issuer.Cert, req.PublicKey, key)
+		cert, err = signLeaf(tmpl, issuer.Cert, s.leafExtensions, req.PublicKey, key)
 	} else {
 		cert, err = createLeaf(tmpl, issuer, req.PublicKey)
 	}

@@ -72,8 +72,8 @@ func isASCII(s string) bool {
 //
 // It returns the certificate as x509.ParseCertificate would (leafOf), without
 // parsing what it just encoded.
-func signLeaf(tmpl *x509.Certificate, parent *x509.Certificate, pub any, key *ecdsa.PrivateKey) (*x509.Certificate, error) {
-	spki, err := x509.MarshalPKIXPublicKey(pub)
+func signLeaf(tmpl *x509.Certificate, parent *x509.Certificate, exts leafExtensions, pub any, key *ecdsa.PrivateKey) (*x509.Certificate, error) {
+	spki, err := subjectPublicKeyInfo(pub)
 	if err != nil {
 		return nil, fmt.Errorf("ca: encoding the subject key: %w", err)
 	}
@@ -81,21 +81,20 @@ func signLeaf(tmpl *x509.Certificate, parent *x509.Certificate, pub any, key *ec
 	// a leaf is well under a kilobyte, so neither grows.
 	tbs := cryptobyte.NewBuilder(make([]byte, 0, leafBufferSize))
 	tbs.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
-		b.AddASN1(cbasn1.Tag(0).Constructed().ContextSpecific(), func(b *cryptobyte.Builder) {
-			b.AddASN1Int64(2) // v3
-		})
+		b.AddBytes(tbsVersion)
 		b.AddASN1BigInt(tmpl.SerialNumber)
-		addAlgorithm(b)
+		b.AddBytes(algorithmECDSAWithSHA256)
 		b.AddBytes(parent.RawSubject)
 		b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
 			addTime(b, tmpl.NotBefore)
 			addTime(b, tmpl.NotAfter)
 		})
-		b.AddASN1(cbasn1.SEQUENCE, func(*cryptobyte.Builder) {}) // empty subject
+		b.AddBytes(emptySubject)
 		b.AddBytes(spki)
 		b.AddASN1(cbasn1.Tag(3).Constructed().ContextSpecific(), func(b *cryptobyte.Builder) {
 			b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
-				addLeafExtensions(b, tmpl, parent)
+				b.AddBytes(exts.forKey(pub))
+				addSubjectAltName(b, tmpl)
 			})
 		})
 	})
@@ -111,7 +110,7 @@ func signLeaf(tmpl *x509.Certificate, parent *x509.Certificate, pub any, key *ec
 	cert := cryptobyte.NewBuilder(make([]byte, 0, len(tbsDER)+leafSignatureRoom))
 	cert.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
 		b.AddBytes(tbsDER)
-		addAlgorithm(b)
+		b.AddBytes(algorithmECDSAWithSHA256)
 		b.AddASN1BitString(sig)
 	})
 	der, err := cert.Bytes()
@@ -225,10 +224,43 @@ func oidOf(contents cryptobyte.String) (asn1.ObjectIdentifier, bool) {
 	return slices.Clone(id), ok
 }
 
-func addAlgorithm(b *cryptobyte.Builder) {
-	b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
-		b.AddASN1ObjectIdentifier(oidECDSAWithSHA256)
+// The leaf's constant DER pieces.
+var (
+	// tbsVersion is [0] EXPLICIT INTEGER 2: v3.
+	tbsVersion = mustDER(func(b *cryptobyte.Builder) {
+		b.AddASN1(cbasn1.Tag(0).Constructed().ContextSpecific(), func(b *cryptobyte.Builder) { b.AddASN1Int64(2) })
 	})
+	algorithmECDSAWithSHA256 = mustDER(func(b *cryptobyte.Builder) {
+		b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) { b.AddASN1ObjectIdentifier(oidECDSAWithSHA256) })
+	})
+	emptySubject = mustDER(func(b *cryptobyte.Builder) { b.AddASN1(cbasn1.SEQUENCE, func(*cryptobyte.Builder) {}) })
+
+	// p256SPKIPrefix is a P-256 SubjectPublicKeyInfo up to the point:
+	// the algorithm (id-ecPublicKey, prime256v1) and the BIT STRING's
+	// header and unused-bits byte. The 65-byte uncompressed point follows.
+	p256SPKIPrefix = []byte{
+		0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
+		0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+	}
+)
+
+func mustDER(add func(*cryptobyte.Builder)) []byte {
+	var b cryptobyte.Builder
+	add(&b)
+	return b.BytesOrPanic()
+}
+
+// subjectPublicKeyInfo encodes pub as x509.MarshalPKIXPublicKey does,
+// without its reflection for a P-256 key, the common case.
+func subjectPublicKeyInfo(pub any) ([]byte, error) {
+	if k, ok := pub.(*ecdsa.PublicKey); ok && k.Curve == elliptic.P256() {
+		point, err := k.Bytes()
+		if err != nil {
+			return nil, err
+		}
+		return append(append(make([]byte, 0, len(p256SPKIPrefix)+len(point)), p256SPKIPrefix...), point...), nil
+	}
+	return x509.MarshalPKIXPublicKey(pub)
 }
 
 // addTime encodes t as encoding/asn1 does: UTCTime from 1950 to 2049,
@@ -242,43 +274,70 @@ func addTime(b *cryptobyte.Builder, t time.Time) {
 	b.AddASN1GeneralizedTime(t)
 }
 
-// addLeafExtensions adds the X509-SVID extensions in the order
-// x509.CreateCertificate writes them: keyUsage, extKeyUsage,
-// basicConstraints, authorityKeyIdentifier, subjectAltName.
-func addLeafExtensions(b *cryptobyte.Builder, tmpl, parent *x509.Certificate) {
-	addExtension(b, oidExtKeyUsage, true, func(b *cryptobyte.Builder) {
-		// A BIT STRING of the usages, first bit first, trailing zero
-		// bits cut: digitalSignature (bit 0), keyEncipherment (bit 2).
-		bits, unused := byte(0x80), byte(7)
-		if tmpl.KeyUsage&x509.KeyUsageKeyEncipherment != 0 {
-			bits, unused = 0xa0, 5
-		}
-		b.AddASN1(cbasn1.BIT_STRING, func(b *cryptobyte.Builder) {
-			b.AddUint8(unused)
-			b.AddUint8(bits)
-		})
-	})
-	addExtension(b, oidExtExtKeyUsage, false, func(b *cryptobyte.Builder) {
-		b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
-			b.AddASN1ObjectIdentifier(oidServerAuth)
-			b.AddASN1ObjectIdentifier(oidClientAuth)
-		})
-	})
-	addExtension(b, oidExtBasicConstraints, true, func(b *cryptobyte.Builder) {
-		b.AddASN1(cbasn1.SEQUENCE, func(*cryptobyte.Builder) {}) // CA=false
-	})
-	if len(parent.SubjectKeyId) > 0 {
-		addExtension(b, oidExtAuthorityKey, false, func(b *cryptobyte.Builder) {
-			b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
-				b.AddASN1(cbasn1.Tag(0).ContextSpecific(), func(b *cryptobyte.Builder) {
-					b.AddBytes(parent.SubjectKeyId)
+// leafExtensions are an issuer's leaf extensions but the SAN, encoded
+// once: for keys that only sign, and for RSA keys (keyEncipherment too).
+type leafExtensions struct {
+	sign, rsa []byte
+}
+
+func (e leafExtensions) forKey(pub any) []byte {
+	if _, ok := pub.(*rsa.PublicKey); ok {
+		return e.rsa
+	}
+	return e.sign
+}
+
+// leafExtensionsOf encodes the constant X509-SVID extensions of leaves
+// under parent, in the order x509.CreateCertificate writes them:
+// keyUsage, extKeyUsage, basicConstraints, authorityKeyIdentifier. The
+// subjectAltName (addSubjectAltName) comes last.
+func leafExtensionsOf(parent *x509.Certificate) leafExtensions {
+	encode := func(usage x509.KeyUsage) []byte {
+		return mustDER(func(b *cryptobyte.Builder) {
+			addExtension(b, oidExtKeyUsage, true, func(b *cryptobyte.Builder) {
+				// A BIT STRING of the usages, first bit first, trailing
+				// zero bits cut: digitalSignature (bit 0),
+				// keyEncipherment (bit 2).
+				bits, unused := byte(0x80), byte(7)
+				if usage&x509.KeyUsageKeyEncipherment != 0 {
+					bits, unused = 0xa0, 5
+				}
+				b.AddASN1(cbasn1.BIT_STRING, func(b *cryptobyte.Builder) {
+					b.AddUint8(unused)
+					b.AddUint8(bits)
 				})
 			})
+			addExtension(b, oidExtExtKeyUsage, false, func(b *cryptobyte.Builder) {
+				b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
+					b.AddASN1ObjectIdentifier(oidServerAuth)
+					b.AddASN1ObjectIdentifier(oidClientAuth)
+				})
+			})
+			addExtension(b, oidExtBasicConstraints, true, func(b *cryptobyte.Builder) {
+				b.AddASN1(cbasn1.SEQUENCE, func(*cryptobyte.Builder) {}) // CA=false
+			})
+			if len(parent.SubjectKeyId) > 0 {
+				addExtension(b, oidExtAuthorityKey, false, func(b *cryptobyte.Builder) {
+					b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
+						b.AddASN1(cbasn1.Tag(0).ContextSpecific(), func(b *cryptobyte.Builder) {
+							b.AddBytes(parent.SubjectKeyId)
+						})
+					})
+				})
+			}
 		})
 	}
-	// Critical: the subject is empty (RFC 5280 4.2.1.6). DNS names come
-	// first (dNSName, tag 2), then the URI (uniformResourceIdentifier, tag
-	// 6), as CreateCertificate orders them.
+	return leafExtensions{
+		sign: encode(x509.KeyUsageDigitalSignature),
+		rsa:  encode(x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment),
+	}
+}
+
+// addSubjectAltName adds the leaf's SAN extension. Critical: the subject
+// is empty (RFC 5280 4.2.1.6). DNS names come first (dNSName, tag 2), then
+// the URI (uniformResourceIdentifier, tag 6), as CreateCertificate orders
+// them.
+func addSubjectAltName(b *cryptobyte.Builder, tmpl *x509.Certificate) {
 	addExtension(b, oidExtSubjectAltName, true, func(b *cryptobyte.Builder) {
 		b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
 			for _, name := range tmpl.DNSNames {
