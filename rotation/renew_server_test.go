@@ -25,6 +25,12 @@ import (
 // recover with its token.
 func meshcaServer(t *testing.T, clk *timerClock) (string, *ca.CA) {
 	t.Helper()
+	return meshcaServerWithLimits(t, clk, server.Limits{})
+}
+
+// meshcaServerWithLimits is meshcaServer with limits.
+func meshcaServerWithLimits(t *testing.T, clk *timerClock, limits server.Limits) (string, *ca.CA) {
+	t.Helper()
 	set, err := ca.NewSelfSigned(ca.AuthorityOptions{TrustDomain: sourceTD, Clock: clk})
 	require.NoError(t, err)
 	c, err := ca.New(set, ca.Options{Clock: clk})
@@ -36,6 +42,7 @@ func meshcaServer(t *testing.T, clk *timerClock) (string, *ca.CA) {
 	srv, err := server.New(server.Options{
 		CA:            c,
 		Authenticator: identity.Chain(tokens, identity.NewSVIDAuthenticator(sourceTD, c, clk)),
+		Limits:        limits,
 		Logger:        slog.New(slog.DiscardHandler),
 		Registerer:    prometheus.NewRegistry(),
 	})

@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
@@ -19,8 +18,6 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
-	"github.com/meshca/meshca/ca"
-	"github.com/meshca/meshca/identity"
 	"github.com/meshca/meshca/internal/server"
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
 	"github.com/meshca/meshca/rotation"
@@ -329,40 +326,4 @@ func TestRunHonoursTheRateLimitHintOfMeshcaServer(t *testing.T) {
 	require.Greater(t, tm.d, hint, "the hint plus jitter")
 	require.LessOrEqual(t, tm.d, hint+hint/2)
 	require.Equal(t, tm.d.String(), logged[0].attrs["retry_in"])
-}
-
-// meshcaServerWithLimits is meshcaServer with limits.
-func meshcaServerWithLimits(t *testing.T, clk *timerClock, limits server.Limits) (string, *ca.CA) {
-	t.Helper()
-	set, err := ca.NewSelfSigned(ca.AuthorityOptions{TrustDomain: sourceTD, Clock: clk})
-	require.NoError(t, err)
-	c, err := ca.New(set, ca.Options{Clock: clk})
-	require.NoError(t, err)
-	tokens, err := identity.NewStaticTokens(identity.TokenFile{Tokens: []identity.TokenFileEntry{
-		{ID: workloadID.String(), Token: bootstrapToken},
-	}}, sourceTD)
-	require.NoError(t, err)
-	srv, err := server.New(server.Options{
-		CA:            c,
-		Authenticator: identity.Chain(tokens, identity.NewSVIDAuthenticator(sourceTD, c, clk)),
-		Limits:        limits,
-		Logger:        slog.New(slog.DiscardHandler),
-		Registerer:    prometheus.NewRegistry(),
-	})
-	require.NoError(t, err)
-	serving, err := server.NewServingCert(c, caServerID, nil, nil, 24*time.Hour, clk)
-	require.NoError(t, err)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	g := srv.GRPCServer(serving.TLSConfig())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = g.Serve(lis)
-	}()
-	t.Cleanup(func() {
-		g.Stop()
-		<-done
-	})
-	return lis.Addr().String(), c
 }
