@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -22,6 +21,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/meshca/meshca/internal/pemutil"
+	"github.com/meshca/meshca/internal/wire"
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
 )
 
@@ -341,19 +341,12 @@ func (s *Source) verifyTime(leaf *x509.Certificate) time.Time {
 
 // parseBundle parses a bundle of the source's trust domain.
 func (s *Source) parseBundle(pb *meshcav1.TrustBundle) (*x509bundle.Bundle, uint64, error) {
-	td, err := spiffeid.TrustDomainFromString(pb.GetTrustDomain())
+	bundle, seq, err := wire.ParseBundle(pb)
 	if err != nil {
-		return nil, 0, fmt.Errorf("bundle trust domain: %w", err)
+		return nil, 0, err
 	}
-	if td != s.td {
+	if td := bundle.TrustDomain(); td != s.td {
 		return nil, 0, fmt.Errorf("bundle is for trust domain %q; want %q", td, s.td)
 	}
-	if len(pb.GetX509Authorities()) == 0 {
-		return nil, 0, fmt.Errorf("bundle %d has no X.509 authorities", pb.GetSequence())
-	}
-	roots, err := pemutil.ParseDER(pb.GetX509Authorities())
-	if err != nil {
-		return nil, 0, fmt.Errorf("bundle %d: %w", pb.GetSequence(), err)
-	}
-	return x509bundle.FromX509Authorities(td, roots), pb.GetSequence(), nil
+	return bundle, seq, nil
 }

@@ -323,7 +323,7 @@ func TestRunRefusesBadResponses(t *testing.T) {
 			tamper: func(r *leafRequest) {
 				r.bundle = &meshcav1.TrustBundle{TrustDomain: sourceTD.Name(), Sequence: 9, X509Authorities: [][]byte{[]byte("not DER")}}
 			},
-			want: "rotation: the CA's response: bundle 9: pemutil: certificate 0: x509: malformed certificate",
+			want: "rotation: the CA's response: the bundle of \"example.org\" (sequence 9): pemutil: certificate 0: x509: malformed certificate",
 		},
 	}
 	for _, tt := range tests {

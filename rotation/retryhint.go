@@ -3,8 +3,7 @@ package rotation
 import (
 	"time"
 
-	"google.golang.org/genproto/googleapis/rpc/errdetails"
-	"google.golang.org/grpc/status"
+	"github.com/meshca/meshca/internal/wire"
 )
 
 // retryHintJitter is the largest share of a server's retry hint added at
@@ -15,23 +14,10 @@ const retryHintJitter = 0.5
 // retryHint returns the delay of the google.rpc.RetryInfo detail that err's
 // gRPC status carries, whatever its code: meshca-server sends one with
 // ResourceExhausted when it sheds load or rate-limits a caller, and may
-// with Unavailable. It returns zero when there is none, or when the delay
-// is not a positive, valid duration.
+// with Unavailable. It returns zero when there is none.
 func retryHint(err error) time.Duration {
-	st, ok := status.FromError(err)
-	if !ok || err == nil {
-		return 0
-	}
-	for _, d := range st.Details() {
-		info, ok := d.(*errdetails.RetryInfo)
-		if !ok || info.GetRetryDelay() == nil || info.GetRetryDelay().CheckValid() != nil {
-			continue
-		}
-		if delay := info.GetRetryDelay().AsDuration(); delay > 0 {
-			return delay
-		}
-	}
-	return 0
+	d, _ := wire.RetryAfter(err)
+	return d
 }
 
 // hintedDelay returns the wait before the next retry when the server

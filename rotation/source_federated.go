@@ -10,7 +10,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
-	"github.com/meshca/meshca/internal/pemutil"
+	"github.com/meshca/meshca/internal/wire"
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
 )
 
@@ -77,14 +77,11 @@ func (s *Source) parseFederated(td spiffeid.TrustDomain, pb *meshcav1.TrustBundl
 	if td == s.td {
 		return nil, fmt.Errorf("rotation: a federated bundle is for %q, the source's own trust domain", td)
 	}
-	if len(pb.GetX509Authorities()) == 0 {
-		return nil, fmt.Errorf("rotation: the federated bundle of %q has no X.509 authorities", td)
-	}
-	roots, err := pemutil.ParseDER(pb.GetX509Authorities())
+	bundle, err := wire.Authorities(td, pb)
 	if err != nil {
-		return nil, fmt.Errorf("rotation: the federated bundle of %q: %w", td, err)
+		return nil, fmt.Errorf("rotation: federated: %w", err)
 	}
-	return x509bundle.FromX509Authorities(td, roots), nil
+	return bundle, nil
 }
 
 // findBundle returns the bundle of td in bundles, or nil.

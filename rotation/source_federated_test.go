@@ -84,7 +84,7 @@ func TestFederatedBundlesFollowSignResponses(t *testing.T) {
 	require.Len(t, bad, 2)
 	require.Equal(t, "other.org", bad[0].attrs["trust_domain"])
 	require.Equal(t, "true", bad[0].attrs["kept_previous"])
-	require.Contains(t, bad[0].attrs["error"], `rotation: the federated bundle of "other.org": pemutil: certificate 0:`)
+	require.Contains(t, bad[0].attrs["error"], `rotation: federated: the bundle of "other.org" (sequence 0): pemutil: certificate 0:`)
 	require.Equal(t, "example.org", bad[1].attrs["trust_domain"])
 	require.Equal(t, "false", bad[1].attrs["kept_previous"])
 	require.Equal(t, `rotation: a federated bundle is for "example.org", the source's own trust domain`, bad[1].attrs["error"])

@@ -26,7 +26,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
@@ -34,6 +33,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/meshca/meshca/internal/wire"
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
 )
 
@@ -259,7 +259,7 @@ func retryDelay(err error, attempt int) (wait time.Duration, shed, retry bool) {
 	}
 	switch st.Code() {
 	case codes.ResourceExhausted:
-		if hint, ok := retryHint(st); ok {
+		if hint, ok := wire.RetryAfter(err); ok {
 			return withJitter(hint), true, true
 		}
 	case codes.Unavailable, codes.DeadlineExceeded:
@@ -271,16 +271,6 @@ func retryDelay(err error, attempt int) (wait time.Duration, shed, retry bool) {
 		backoff = min(retryBackoffMin<<attempt, retryBackoffMax)
 	}
 	return withJitter(backoff), false, true
-}
-
-// retryHint returns the delay of st's google.rpc.RetryInfo, if it has one.
-func retryHint(st *status.Status) (time.Duration, bool) {
-	for _, d := range st.Details() {
-		if info, ok := d.(*errdetails.RetryInfo); ok && info.GetRetryDelay() != nil {
-			return max(info.GetRetryDelay().AsDuration(), 0), true
-		}
-	}
-	return 0, false
 }
 
 // withJitter returns d plus a random 0 to 50% of d.

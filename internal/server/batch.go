@@ -5,12 +5,13 @@ import (
 	"runtime"
 	"sync"
 
-	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/meshca/meshca/identity"
+	"github.com/meshca/meshca/internal/wire"
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
 )
 
@@ -131,10 +132,8 @@ func proofCredential(p *meshcav1.SVIDProof, csr []byte) (identity.Credential, er
 func batchError(err error) *meshcav1.SignBatchResult {
 	st := status.Convert(err)
 	res := &meshcav1.SignBatchResult{Code: int32(st.Code()), Message: st.Message()}
-	for _, d := range st.Details() {
-		if info, ok := d.(*errdetails.RetryInfo); ok && info.GetRetryDelay() != nil {
-			res.RetryAfter = info.GetRetryDelay()
-		}
+	if after, ok := wire.RetryAfter(err); ok {
+		res.RetryAfter = durationpb.New(after)
 	}
 	return res
 }

@@ -24,6 +24,7 @@ import (
 
 	"github.com/meshca/meshca/identity"
 	"github.com/meshca/meshca/internal/pemutil"
+	"github.com/meshca/meshca/internal/wire"
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
 )
 
@@ -278,21 +279,11 @@ func check(r *meshcav1.SignBatchResult, id spiffeid.ID, key crypto.Signer, bundl
 
 // parseBundle parses the response's bundle.
 func parseBundle(pb *meshcav1.TrustBundle) (*x509bundle.Bundle, uint64, error) {
-	if pb == nil {
-		return nil, 0, errors.New("batch: the CA's response has no trust bundle")
-	}
-	td, err := spiffeid.TrustDomainFromString(pb.GetTrustDomain())
+	bundle, seq, err := wire.ParseBundle(pb)
 	if err != nil {
-		return nil, 0, fmt.Errorf("batch: the CA's bundle: trust domain: %w", err)
+		return nil, 0, fmt.Errorf("batch: the CA's response: %w", err)
 	}
-	if len(pb.GetX509Authorities()) == 0 {
-		return nil, 0, fmt.Errorf("batch: the CA's bundle %d has no X.509 authorities", pb.GetSequence())
-	}
-	roots, err := pemutil.ParseDER(pb.GetX509Authorities())
-	if err != nil {
-		return nil, 0, fmt.Errorf("batch: the CA's bundle %d: %w", pb.GetSequence(), err)
-	}
-	return x509bundle.FromX509Authorities(td, roots), pb.GetSequence(), nil
+	return bundle, seq, nil
 }
 
 // RetryAfter returns the delay the server asked the caller to wait before
@@ -300,18 +291,5 @@ func parseBundle(pb *meshcav1.TrustBundle) (*x509bundle.Bundle, uint64, error) {
 // whether there was one: set when the server shed load or rate-limited
 // the entry or the call.
 func RetryAfter(err error) (time.Duration, bool) {
-	st, ok := status.FromError(err)
-	if !ok || err == nil {
-		return 0, false
-	}
-	for _, d := range st.Details() {
-		info, ok := d.(*errdetails.RetryInfo)
-		if !ok || info.GetRetryDelay().CheckValid() != nil {
-			continue
-		}
-		if delay := info.GetRetryDelay().AsDuration(); delay > 0 {
-			return delay, true
-		}
-	}
-	return 0, false
+	return wire.RetryAfter(err)
 }
