@@ -22,16 +22,18 @@ func retryHint(err error) time.Duration {
 
 // hintedDelay returns the wait before the next retry when the server
 // hinted at one: the hint, held to between minRetryCap and Max, plus up to
-// retryHintJitter of it at random (u is uniform in [0, 1)). It never
-// exceeds limit (or Max): when the jittered hint would, the wait is limit
-// less Backoff's jitter, as delayWithin's is, so that callers held to the
-// cap still spread out.
+// retryHintJitter of it at random (u is uniform in [0, 1)), and never past
+// limit (or Max). When the jittered span would pass limit, it is cut there:
+// a hint within limit is never cut short, so the caller never comes back
+// before the server asked. Only a hint beyond limit itself is shortened,
+// to limit less Backoff's jitter, as delayWithin's is, so that callers
+// held to the cap still spread out.
 func (b Backoff) hintedDelay(hint time.Duration, u float64, limit time.Duration) time.Duration {
 	limit = min(limit, b.Max)
 	hint = min(max(hint, minRetryCap), b.Max)
-	d := hint + time.Duration(float64(hint)*retryHintJitter*u)
-	if d > limit {
+	if hint > limit {
 		return time.Duration(float64(limit) * (1 - b.Jitter*u))
 	}
-	return d
+	most := min(hint+time.Duration(float64(hint)*retryHintJitter), limit)
+	return hint + time.Duration(float64(most-hint)*u)
 }

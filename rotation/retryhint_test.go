@@ -327,3 +327,29 @@ func TestRunHonoursTheRateLimitHintOfMeshcaServer(t *testing.T) {
 	require.LessOrEqual(t, tm.d, hint+hint/2)
 	require.Equal(t, tm.d.String(), logged[0].attrs["retry_in"])
 }
+
+// TestRunNeverRetriesBeforeTheServerHint: a hint just inside the retry cap,
+// with the largest jitter, waits at least the hint and at most the cap: the
+// jitter is cut at the cap, never the hint (which would send the source back
+// to an overloaded server before it asked).
+func TestRunNeverRetriesBeforeTheServerHint(t *testing.T) {
+	const u = 0.99
+	h := newSourceHarness(t, rotation.Options{TTL: time.Hour, Backoff: rotation.Backoff{Max: 2 * time.Hour}, Rand: func() float64 { return u }})
+	sh := &shedder{}
+	h.run(t, h.src.Dialer(serveShedding(t, h.ca, sh), caServerID))
+	tm := h.clock.next(t)
+	notAfter := h.svid(t).Certificates[0].NotAfter
+	h.clock.fire(tm)
+
+	// At the renew point (about 35 minutes left) the cap is a twentieth
+	// of that, about 105s: a hint of 100s is inside it, and the hint's
+	// jitter (up to 150s) is not.
+	const hint = 100 * time.Second
+	limit := notAfter.Sub(h.clock.Now()) / 20
+	require.Greater(t, limit, hint, "the test needs a hint inside the cap")
+	sh.shed(1, codes.ResourceExhausted, retryAfter(hint))
+	tm = h.clock.next(t)
+	require.GreaterOrEqual(t, tm.d, hint, "the retry comes before the server's hint")
+	require.LessOrEqual(t, tm.d, limit)
+	require.Equal(t, hint+time.Duration(float64(limit-hint)*u), tm.d)
+}
