@@ -133,7 +133,9 @@ error: "errors" counts those by the code of their last attempt.
 with a bundle watch stream (BundleService.WatchBundle) on it as an agent
 would, until every workload is done; bench then reads the server's
 resident memory again and reports the increase over the N held clients as
-"memory per connected client". Every held connection is a file
+"memory per connected client": an upper bound, since the increase also
+holds what issuing N certificates left on the heap. Every held connection
+is a file
 descriptor: bench raises its soft RLIMIT_NOFILE to the hard limit and
 refuses an -n it cannot hold. From one source address a host can hold
 about as many connections to one server address as it has ephemeral ports
@@ -282,6 +284,8 @@ func (o *benchOptions) validate() error {
 			return fmt.Errorf("--keys %q: want ahead or inline", o.keys)
 		case o.workloadTimeout <= 0:
 			return fmt.Errorf("--workload-timeout %s: want more than 0", o.workloadTimeout)
+		case o.mode == modeMixed && o.keys == keysAhead && o.csrs < 2:
+			return fmt.Errorf("--csrs %d: --mode mixed with --keys ahead needs at least 2 renewal keys, so that a renewal never presents the key it replaces", o.csrs)
 		case o.mode == modeMixed && o.renewals < 1:
 			return fmt.Errorf("--renewals %d: --mode mixed wants at least 1 renewing client", o.renewals)
 		}

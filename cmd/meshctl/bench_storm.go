@@ -5,6 +5,7 @@ package main
 // over mTLS beside them.
 
 import (
+	"cmp"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -283,13 +284,26 @@ func withJitter(d time.Duration) time.Duration {
 
 // watch opens a bundle watch stream on conn, as an agent does, and waits
 // for its first bundle.
-func (s *storm) watch(conn *grpc.ClientConn) error {
-	stream, err := meshcav1.NewBundleServiceClient(conn).WatchBundle(s.holdCtx, &meshcav1.WatchBundleRequest{})
-	if err != nil {
-		return err
+//
+// The stream lives until the end of the hold (holdCtx), but its first
+// bundle must come within one attempt's timeout, and before the run is
+// interrupted: a server that never sends one cannot hang bench.
+func (s *storm) watch(ctx context.Context, conn *grpc.ClientConn) error {
+	streamCtx, cancel := context.WithCancel(s.holdCtx)
+	firstBundle := time.AfterFunc(s.attemptTimeout, cancel)
+	interrupt := context.AfterFunc(ctx, cancel)
+	stream, err := meshcav1.NewBundleServiceClient(conn).WatchBundle(streamCtx, &meshcav1.WatchBundleRequest{})
+	if err == nil {
+		_, err = stream.Recv()
 	}
-	_, err = stream.Recv()
-	return err
+	// From here the stream lives as long as the hold.
+	timedOut := !firstBundle.Stop()
+	interrupt()
+	if err != nil || timedOut {
+		cancel()
+		return cmp.Or(err, context.DeadlineExceeded)
+	}
+	return nil
 }
 
 // renewer is a client that renews its certificate over mTLS.
@@ -315,6 +329,8 @@ type stormPlan struct {
 // end, so that the goroutines share no lock.
 type tally struct {
 	total, connect, sign []time.Duration
+	// last is when the last certificate came.
+	last time.Time
 	// shed counts the attempts the server shed and that were retried.
 	shed    int
 	retried codeCounts
@@ -323,6 +339,7 @@ type tally struct {
 }
 
 func (t *tally) success(total time.Duration, at attemptTimes) {
+	t.last = time.Now()
 	t.total = append(t.total, total)
 	t.connect = append(t.connect, at.connect)
 	t.sign = append(t.sign, at.sign)
@@ -439,7 +456,7 @@ func (s *storm) run(authCtx context.Context, p *stormPlan) *stormResult {
 					conn.Close()
 					continue
 				}
-				if err := s.watch(conn); err != nil {
+				if err := s.watch(ctx, conn); err != nil {
 					holdFailed[w].add(err)
 					conn.Close()
 					continue
@@ -449,7 +466,19 @@ func (s *storm) run(authCtx context.Context, p *stormPlan) *stormResult {
 		})
 	}
 	wg.Wait()
+	// The wall time ends at the last certificate, not at the last
+	// workload's end (which may be a failure retried until its timeout,
+	// or a held client waiting for its first bundle).
 	elapsed := time.Since(start)
+	var last time.Time
+	for _, t := range newTallies {
+		if t.last.After(last) {
+			last = t.last
+		}
+	}
+	if !last.IsZero() {
+		elapsed = last.Sub(start)
+	}
 	stopRenewals()
 	renewing.Wait()
 
@@ -516,8 +545,17 @@ func (s *storm) renew(ctx context.Context, p *stormPlan, i int, rn *renewer, t *
 		}
 		resp, conn, times, err := s.certify(ctx, s.mtlsCreds(rn.svid), &meshcav1.SignRequest{Csr: k.csr}, start, t)
 		if err != nil {
-			if ctx.Err() == nil {
-				t.failed.add(err)
+			if ctx.Err() != nil {
+				return
+			}
+			// A final error (certify retried what was worth it): wait
+			// before the next renewal, not to spin handshakes beside the
+			// storm.
+			t.failed.add(err)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(withJitter(retryBackoffMax)):
 			}
 			continue
 		}

@@ -27,7 +27,7 @@ type stormReport struct {
 
 	Interrupted bool
 	// Elapsed is the wall time from the first workload's start to the
-	// last one's end.
+	// last certificate.
 	Elapsed  time.Duration
 	New      stormFigures
 	Renewals stormFigures
@@ -128,7 +128,7 @@ func (r *stormReport) writeText(w io.Writer) {
 		fmt.Fprintf(w, "held       %d clients connected with a bundle watch, %d failed to open one\n", r.Held, r.HoldFailed.total())
 		writeCodes(w, "hold fail ", r.HoldFailed)
 		if increase, perClient, ok := r.memoryPerClient(); ok {
-			fmt.Fprintf(w, "memory     %s server RSS with %d clients connected: %s per connected client\n",
+			fmt.Fprintf(w, "memory     %s server RSS with %d clients connected: at most %s per connected client\n",
 				formatBytes(increase, true), r.Held, formatBytes(perClient, false))
 		} else {
 			fmt.Fprintln(w, "memory     per connected client unknown (needs the server's RSS before and after)")
@@ -147,7 +147,7 @@ func (r *stormReport) writeText(w io.Writer) {
 // writeRetries writes the shed, retried and errors lines of f, with
 // labels.
 func writeRetries(w io.Writer, labels [3]string, f stormFigures) {
-	fmt.Fprintf(w, "%-11s%d (ResourceExhausted with RetryInfo: retried after the hint)\n", labels[0], f.Shed)
+	fmt.Fprintf(w, "%-11s%d (ResourceExhausted with RetryInfo, shed or rate-limited: retried after the hint)\n", labels[0], f.Shed)
 	writeCodes(w, labels[1], f.Retried)
 	if f.Failed.total() == 0 {
 		fmt.Fprintf(w, "%-11snone\n", labels[2])

@@ -475,6 +475,7 @@ func TestBenchFlags(t *testing.T) {
 		{name: "renewals outside mixed", args: []string{"--mode", "storm", "--renewals", "3", id}, want: "--renewals is for --mode mixed"},
 		{name: "mixed needs renewals", args: []string{"--mode", "mixed", id}, want: "--renewals 0: --mode mixed wants at least 1 renewing client"},
 		{name: "hold outside storm", args: []string{"--mode", "mixed", "--renewals", "2", "--hold", id}, want: "--hold is for --mode storm"},
+		{name: "mixed with one renewal key", args: []string{"--mode", "mixed", "--renewals", "2", "--csrs", "1", id}, want: "--csrs 1: --mode mixed with --keys ahead needs at least 2 renewal keys, so that a renewal never presents the key it replaces"},
 		{name: "steady has no hold", args: []string{"--hold", id}, want: "--hold is for --mode storm or mixed"},
 		{name: "steady has no keys", args: []string{"--keys", "inline", id}, want: "--keys is for --mode storm or mixed"},
 	}
@@ -581,7 +582,7 @@ func TestStormReportText(t *testing.T) {
 	r.writeText(&out)
 	require.Equal(t, `workloads  9998 certified, 2 failed in 8.00s (wall: first start to last certificate)
 rate       1249.8 certs/s
-shed       37 (ResourceExhausted with RetryInfo: retried after the hint)
+shed       37 (ResourceExhausted with RetryInfo, shed or rate-limited: retried after the hint)
 retried    Unavailable 3 (first: connection refused)
 errors     DeadlineExceeded 2 (first: context deadline exceeded)
 workload   p50 180ms  p90 320ms  p99 610ms  max 1.90s  (new connection, TLS handshake and Sign, with retries)
@@ -603,7 +604,7 @@ efficiency 4.8% (crypto cost / server CPU per cert)
 		r.writeText(&out)
 		require.Contains(t, out.String(), "errors     none\n")
 		require.Contains(t, out.String(), `renewals   64 clients: 4000 renewed, 0 failed (500.0 certs/s)
-ren. shed  0 (ResourceExhausted with RetryInfo: retried after the hint)
+ren. shed  0 (ResourceExhausted with RetryInfo, shed or rate-limited: retried after the hint)
 ren. error none
 renewal    p50 3.00ms  p90 5.00ms  p99 9.00ms  max 20.0ms  (new mTLS connection and Sign, with retries)
 renew sign p50 1.00ms  p90 2.00ms  p99 4.00ms  max 8.00ms  (the Sign RPC alone)
@@ -613,7 +614,7 @@ renew sign p50 1.00ms  p90 2.00ms  p99 4.00ms  max 8.00ms  (the Sign RPC alone)
 		out.Reset()
 		r.writeText(&out)
 		require.Contains(t, out.String(), `held       10000 clients connected with a bundle watch, 0 failed to open one
-memory     +100.0 MiB server RSS with 10000 clients connected: 10.2 KiB per connected client
+memory     +100.0 MiB server RSS with 10000 clients connected: at most 10.2 KiB per connected client
 `)
 		got := r.json()
 		require.InDelta(t, 10.24*1024, *got.Storm.MemoryPerClientBytes, 1)
