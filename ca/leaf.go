@@ -12,6 +12,7 @@ import (
 	"encoding/asn1"
 	"errors"
 	"fmt"
+	"net/url"
 	"slices"
 	"time"
 
@@ -143,16 +144,16 @@ func leafOf(der []byte, tmpl, parent *x509.Certificate, pub any) (*x509.Certific
 		PublicKey:             pub,
 		Version:               3,
 		SerialNumber:          tmpl.SerialNumber,
-		Issuer:                parent.Subject,
+		Issuer:                cloneName(parent.Subject),
 		NotBefore:             tmpl.NotBefore.UTC().Truncate(time.Second),
 		NotAfter:              tmpl.NotAfter.UTC().Truncate(time.Second),
 		KeyUsage:              tmpl.KeyUsage,
 		ExtKeyUsage:           tmpl.ExtKeyUsage,
 		BasicConstraintsValid: true,
 		MaxPathLen:            -1,
-		AuthorityKeyId:        parent.SubjectKeyId,
-		DNSNames:              tmpl.DNSNames,
-		URIs:                  tmpl.URIs,
+		AuthorityKeyId:        slices.Clone(parent.SubjectKeyId),
+		DNSNames:              slices.Clone(tmpl.DNSNames),
+		URIs:                  cloneURLs(tmpl.URIs),
 	}
 	switch pub.(type) {
 	case *ecdsa.PublicKey:
@@ -202,6 +203,29 @@ func leafOf(der []byte, tmpl, parent *x509.Certificate, pub any) (*x509.Certific
 		return nil, errors.New("ca: the certificate just encoded does not read back")
 	}
 	return c, nil
+}
+
+// cloneName copies n's slices, so that the leaf shares nothing with its
+// issuer's certificate, as a parsed one would not.
+func cloneName(n pkix.Name) pkix.Name {
+	for _, f := range []*[]string{&n.Country, &n.Organization, &n.OrganizationalUnit, &n.Locality, &n.Province, &n.StreetAddress, &n.PostalCode} {
+		*f = slices.Clone(*f)
+	}
+	n.Names = slices.Clone(n.Names)
+	n.ExtraNames = slices.Clone(n.ExtraNames)
+	return n
+}
+
+func cloneURLs(urls []*url.URL) []*url.URL {
+	if urls == nil {
+		return nil
+	}
+	out := make([]*url.URL, len(urls))
+	for i, u := range urls {
+		c := *u
+		out[i] = &c
+	}
+	return out
 }
 
 // leafExtensionIDs are the leaf's extension OIDs by their DER contents.
