@@ -36,8 +36,9 @@ const (
 	// 100 ms, while bounding what a thundering herd costs in memory.
 	DefaultMaxHandshakes = 256
 	// handshakeTimeout bounds a connection's TLS and HTTP/2 handshake,
-	// and so how long a caller that stalls holds a handshake slot.
-	handshakeTimeout = 10 * time.Second
+	// and so how long a caller that sends a little and stalls holds a
+	// handshake slot.
+	handshakeTimeout = 5 * time.Second
 	// minRetryHint is the shortest retry hint sent with a shed request.
 	minRetryHint = 100 * time.Millisecond
 )
@@ -79,7 +80,9 @@ type Admission struct {
 
 	// MaxHandshakes bounds the TLS handshakes in progress on a listener
 	// wrapped by Server.LimitListener: at the bound, no connection is
-	// accepted until a handshake ends (or times out, after 10s). Zero
+	// accepted until a handshake ends (or times out, after 5s; a
+	// connection that sends nothing gives its slot back after 1s). It is
+	// not part of admission proper: MaxInFlight < 0 leaves it on. Zero
 	// means DefaultMaxHandshakes; negative means no bound.
 	MaxHandshakes int
 }
@@ -251,8 +254,8 @@ func (a *admission) acquire(ctx context.Context, c requestClass) (time.Time, err
 	}
 	w := &waiter{ready: make(chan struct{})}
 	elem := a.queues[c].PushBack(w)
-	a.mu.Unlock()
 	a.depth[c].Inc()
+	a.mu.Unlock()
 	queued := time.Now()
 
 	// Never wait longer than the request was admitted to, whatever the
@@ -272,14 +275,19 @@ func (a *admission) acquire(ctx context.Context, c requestClass) (time.Time, err
 	granted := w.granted
 	if !granted {
 		a.queues[c].Remove(elem)
+		a.depth[c].Dec()
 	}
 	total = a.queued()
 	a.mu.Unlock()
-	if granted {
-		// The slot came as the wait ended: pass it on.
-		a.release(time.Now())
-	} else {
-		a.depth[c].Dec()
+	switch {
+	case granted && err == nil:
+		// The slot came as the wait ran out: take it.
+		a.wait[c].Observe(time.Since(queued).Seconds())
+		return time.Now(), nil
+	case granted:
+		// The slot came as the caller left: pass it on, unused, so
+		// that it does not count in the hold time.
+		a.handOff()
 	}
 	if err != nil {
 		return time.Time{}, err
@@ -327,15 +335,19 @@ func (a *admission) release(start time.Time) {
 	held := int64(time.Since(start))
 	old := a.hold.Load()
 	a.hold.Store(old + (held-old)/16)
+	a.handOff()
+}
 
+// handOff gives a slot to the first waiter of the first class that has
+// one, or back to the pool.
+func (a *admission) handOff() {
 	a.mu.Lock()
 	var next *waiter
-	var class requestClass
 	for c := range numClasses {
 		if front := a.queues[c].Front(); front != nil {
 			next = a.queues[c].Remove(front).(*waiter)
 			next.granted = true
-			class = c
+			a.depth[c].Dec()
 			break
 		}
 	}
@@ -347,6 +359,5 @@ func (a *admission) release(start time.Time) {
 		a.inFlightGauge.Dec()
 		return
 	}
-	a.depth[class].Dec()
 	close(next.ready)
 }

@@ -86,8 +86,14 @@ func (c *certificateService) signEntry(ctx context.Context, e *meshcav1.SignBatc
 			return identity.Credential{Token: token}, nil
 		}
 	case *meshcav1.SignBatchEntry_SvidProof:
+		var proof []byte
 		r.credential = func(context.Context) (identity.Credential, error) {
-			return proofCredential(cred.SvidProof, e.GetCsr())
+			chain, err := identity.ParseSVIDProofChain(cred.SvidProof.GetCertChain())
+			proof = cred.SvidProof.GetSignature()
+			return identity.Credential{PeerCertificates: chain}, err
+		}
+		r.proof = func(c identity.Credential) error {
+			return identity.VerifySVIDProof(c.PeerCertificates[0], e.GetCsr(), proof)
 		}
 		// The proven chain is authenticated as a TLS client certificate
 		// is, by the SVID authenticator, and by nothing else; the audit
@@ -111,20 +117,6 @@ func (c *certificateService) signEntry(ctx context.Context, e *meshcav1.SignBatc
 		ExpiresAt: timestamppb.New(issued.Cert.NotAfter),
 		SpiffeId:  issued.Cert.URIs[0].String(),
 	}
-}
-
-// proofCredential verifies an SVID proof over csr and returns its chain as
-// the credential an mTLS renewal would present. The chain is authenticated
-// (verified against the bundle) by the server's Authenticator.
-func proofCredential(p *meshcav1.SVIDProof, csr []byte) (identity.Credential, error) {
-	chain, err := identity.ParseSVIDProofChain(p.GetCertChain())
-	if err != nil {
-		return identity.Credential{}, err
-	}
-	if err := identity.VerifySVIDProof(chain[0], csr, p.GetSignature()); err != nil {
-		return identity.Credential{}, err
-	}
-	return identity.Credential{PeerCertificates: chain}, nil
 }
 
 // batchError turns the status error of the shared path into an entry's

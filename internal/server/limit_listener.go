@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/credentials"
@@ -53,21 +55,14 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		// The next connection waits here, accepted, while the bound is
-		// reached; the ones after it wait in the kernel's backlog.
-		if !l.handshakes.acquire(l.closed) {
-			c.Close()
-			return nil, net.ErrClosed
-		}
 		lc := &limitConn{Conn: c}
-		if l.handshakes != nil {
-			lc.handshakeDone = sync.OnceFunc(l.handshakes.release)
-		}
+		// A source over its bound is closed before it waits for a
+		// handshake slot.
 		if l.limits.conns != nil {
 			src := sourceOf(c.RemoteAddr())
 			if !l.limits.conns.acquire(src) {
 				l.limits.refused.WithLabelValues("connection").Inc()
-				lc.Close()
+				c.Close()
 				continue
 			}
 			l.limits.connsOpen.Inc()
@@ -75,6 +70,15 @@ func (l *limitListener) Accept() (net.Conn, error) {
 				l.limits.conns.release(src)
 				l.limits.connsOpen.Dec()
 			})
+		}
+		// The next connection waits here, accepted, while the bound is
+		// reached; the ones after it wait in the kernel's backlog.
+		if !l.handshakes.acquire(l.closed) {
+			lc.Close()
+			return nil, net.ErrClosed
+		}
+		if l.handshakes != nil {
+			lc.gate(l.handshakes)
 		}
 		return lc, nil
 	}
@@ -87,13 +91,48 @@ func (l *limitListener) Close() error {
 	return l.Listener.Close()
 }
 
-// limitConn gives back its handshake slot when its handshake is over or
-// it closes, whichever comes first, and its per-source count on its first
-// Close. Either may be nil.
+// limitConn gives back its handshake slot when its handshake is over, when
+// it closes, when it has sent nothing firstBytesTimeout after it was
+// accepted, or handshakeTimeout after it was accepted (should the server's
+// credentials not say when the handshake is over), whichever comes first;
+// and its per-source count on its first Close. Either may be nil.
 type limitConn struct {
 	net.Conn
 	handshakeDone func()
 	release       func()
+
+	// read is set once the connection has sent a byte.
+	read atomic.Bool
+}
+
+// firstBytesTimeout is how long a connection holds a handshake slot
+// without sending a byte: a caller that connects and says nothing (an
+// idle or hostile one) does not hold the slot for the whole handshake
+// timeout. Its handshake may still go on, outside the bound.
+const firstBytesTimeout = time.Second
+
+// gate makes c hold a slot of g until its handshake is over.
+func (c *limitConn) gate(g *handshakeGate) {
+	release := sync.OnceFunc(g.release)
+	silent := time.AfterFunc(firstBytesTimeout, func() {
+		if !c.read.Load() {
+			release()
+		}
+	})
+	backstop := time.AfterFunc(handshakeTimeout, release)
+	c.handshakeDone = func() {
+		silent.Stop()
+		backstop.Stop()
+		release()
+	}
+}
+
+func (c *limitConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 && c.handshakeDone != nil && !c.read.Load() {
+		c.read.Store(true)
+	}
+	return n, err
 }
 
 func (c *limitConn) Close() error {

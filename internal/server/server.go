@@ -318,6 +318,11 @@ type issueRequest struct {
 	// an mTLS client certificate, and audited as identity.MethodSVIDProof.
 	asMethod identity.Method
 
+	// proof, when set, checks the credential's proof of possession (a
+	// batch entry's SVID proof): a signature check, made under admission
+	// with the chain's verification, before authentication.
+	proof func(identity.Credential) error
+
 	// refused, when set, refuses the request once the caller is
 	// authenticated, so that the refusal is audited with the caller: a
 	// front end's refusal of what its wire format allows and meshca does
@@ -438,6 +443,24 @@ func (s *Server) authorizeAndSign(ctx context.Context, r issueRequest) (identity
 		return identity.Caller{}, nil, err
 	}
 	cred.Audiences = r.audiences
+	// A caller that proves itself with a certificate chain (an mTLS
+	// renewal, a batch entry's SVID proof) costs signature checks to
+	// authenticate: it takes its admission slot, as a renewal, before
+	// them. A token caller takes its slot once authenticated, so that a
+	// token review, which waits on the API server, holds none.
+	var start time.Time
+	admitted := cred.Token == "" && len(cred.PeerCertificates) > 0
+	if admitted {
+		if start, err = s.admit.acquire(ctx, classRenewal); err != nil {
+			return identity.Caller{}, nil, err
+		}
+		defer s.admit.release(start)
+	}
+	if r.proof != nil {
+		if err := r.proof(cred); err != nil {
+			return identity.Caller{}, nil, err
+		}
+	}
 	// Authenticate first: an anonymous caller costs no CSR verification.
 	caller, err := s.authn.Authenticate(ctx, cred)
 	if err != nil {
@@ -467,11 +490,12 @@ func (s *Server) authorizeAndSign(ctx context.Context, r issueRequest) (identity
 	// From here the request costs CPU: a signature check and a
 	// signature. It waits for its turn, first certificates first, or is
 	// shed with a retry hint.
-	start, err := s.admit.acquire(ctx, classOf(caller))
-	if err != nil {
-		return caller, nil, err
+	if !admitted {
+		if start, err = s.admit.acquire(ctx, classOf(caller)); err != nil {
+			return caller, nil, err
+		}
+		defer s.admit.release(start)
 	}
-	defer s.admit.release(start)
 	form := r.form
 	if form == nil {
 		form = svidForm{}
