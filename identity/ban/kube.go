@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
-	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -63,8 +62,9 @@ type KubeStore struct {
 	log       *slog.Logger
 
 	// writing makes one replica's Updates take turns, so that only
-	// other replicas' writes can conflict with one.
-	writing sync.Mutex
+	// other replicas' writes can conflict with one: a one-slot
+	// semaphore, so that a caller waiting its turn can give up.
+	writing chan struct{}
 }
 
 var (
@@ -85,7 +85,7 @@ func NewKubeStore(opts KubeOptions) (*KubeStore, error) {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	return &KubeStore{client: opts.Client, namespace: opts.Namespace, name: opts.Name,
-		log: opts.Logger.With("secret", opts.Namespace+"/"+opts.Name)}, nil
+		log: opts.Logger.With("secret", opts.Namespace+"/"+opts.Name), writing: make(chan struct{}, 1)}, nil
 }
 
 // Load reads the bans; none when the Secret is absent or empty.
@@ -115,8 +115,12 @@ func (s *KubeStore) get(ctx context.Context) (*corev1.Secret, []Ban, error) {
 // applies fn again after a jittered backoff, up to updateAttempts times.
 // A Secret whose bans do not decode is never overwritten.
 func (s *KubeStore) Update(ctx context.Context, fn func([]Ban) ([]Ban, error)) ([]Ban, error) {
-	s.writing.Lock()
-	defer s.writing.Unlock()
+	select {
+	case s.writing <- struct{}{}:
+		defer func() { <-s.writing }()
+	case <-ctx.Done():
+		return nil, fmt.Errorf("ban: waiting to write Secret %s/%s: %w", s.namespace, s.name, ctx.Err())
+	}
 	secrets := s.client.Secrets(s.namespace)
 	var lastErr error
 	backoff := updateBackoff
