@@ -87,7 +87,11 @@ func (f optionFunc) apply(o *options) { f(o) }
 
 // WithBundleSequence reports the sequence number of the trust bundle the
 // caller holds, so that the server can tell how far a new root has
-// propagated. Without it, the server is told 0, unknown.
+// propagated. Without it, the server is told 0, unknown. With it, a
+// response whose bundle is older (a replica that has not yet seen the
+// newest roots) is refused: its results fail with Unavailable, to be
+// tried again, rather than verified against roots the caller has moved
+// past.
 func WithBundleSequence(seq uint64) Option {
 	return optionFunc(func(o *options) { o.bundleSequence = seq })
 }
@@ -137,6 +141,9 @@ func Renew(ctx context.Context, client meshcav1.CertificateServiceClient, entrie
 		)
 		if err == nil {
 			bundle, seq, err = parseBundle(resp.GetBundle())
+		}
+		if err == nil && seq < o.bundleSequence {
+			err = status.Errorf(codes.Unavailable, "batch: the CA's trust bundle (sequence %d) is older than the caller's (%d): a replica behind on the roots; try again", seq, o.bundleSequence)
 		}
 		for j := range req.Entries {
 			i := c.start + j

@@ -207,6 +207,30 @@ func TestRenewReportsEachEntry(t *testing.T) {
 	require.Greater(t, wait, 90*time.Second)
 }
 
+// TestRenewRefusesAnOlderBundle: a caller that holds a newer bundle than
+// the CA's answer (a replica behind on the roots) gets Unavailable for
+// every entry, not certificates checked against roots it has moved past.
+func TestRenewRefusesAnOlderBundle(t *testing.T) {
+	m := startServer(t, 2, server.Limits{})
+	entries := []batch.Entry{{ID: m.ids[0], Token: m.tokens[0]}, {ID: m.ids[1], Token: m.tokens[1]}}
+	current, err := batch.Renew(context.Background(), m.client, entries)
+	require.NoError(t, err)
+	seq := current[0].BundleSequence
+
+	results, err := batch.Renew(context.Background(), m.client, entries, batch.WithBundleSequence(seq+1))
+	require.NoError(t, err)
+	for _, r := range results {
+		require.Nil(t, r.SVID)
+		require.Equal(t, codes.Unavailable, status.Code(r.Err))
+		require.Contains(t, status.Convert(r.Err).Message(), fmt.Sprintf("the CA's trust bundle (sequence %d) is older than the caller's (%d)", seq, seq+1))
+	}
+	results, err = batch.Renew(context.Background(), m.client, entries, batch.WithBundleSequence(seq))
+	require.NoError(t, err)
+	for i, r := range results {
+		requireValid(t, m, entries[i], r)
+	}
+}
+
 // TestRenewRefusesEntriesItCannotSend: nothing is sent for a batch with an
 // entry that has no ID, no credential, or a current SVID of another ID.
 func TestRenewRefusesEntriesItCannotSend(t *testing.T) {
