@@ -1,8 +1,6 @@
 package kubetest_test
 
 import (
-	"fmt"
-	"runtime"
 	"testing"
 	"time"
 
@@ -12,6 +10,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/meshca/meshca/internal/kubetest"
+	"github.com/meshca/meshca/internal/testproc"
 )
 
 var kube kubetest.Shared
@@ -134,37 +133,9 @@ func TestStart(t *testing.T) {
 	require.ErrorContains(t, err, "connection refused")
 }
 
-// outcome is how a testing.TB given to kubetest ended.
-type outcome struct {
-	testing.TB
-	failed, skipped string
-}
-
-func (o *outcome) Fatal(args ...any) { o.failed = fmt.Sprint(args...); runtime.Goexit() }
-func (o *outcome) Fatalf(format string, args ...any) {
-	o.failed = fmt.Sprintf(format, args...)
-	runtime.Goexit()
-}
-func (o *outcome) FailNow()         { o.failed = "FailNow"; runtime.Goexit() }
-func (o *outcome) Skip(args ...any) { o.skipped = fmt.Sprint(args...); runtime.Goexit() }
-func (o *outcome) Skipf(format string, args ...any) {
-	o.skipped = fmt.Sprintf(format, args...)
-	runtime.Goexit()
-}
-func (o *outcome) SkipNow() { o.skipped = "SkipNow"; runtime.Goexit() }
-
-// startWith runs kubetest.Start in a goroutine of its own, as Fatal and
-// Skip end it, and reports how it ended.
-func startWith(t *testing.T) *outcome {
-	o := &outcome{TB: t}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		kubetest.Start(o)
-		o.failed = "started a cluster"
-	}()
-	<-done
-	return o
+// startWith runs kubetest.Start and reports how it ended.
+func startWith(t *testing.T) *testproc.Outcome {
+	return testproc.RunTB(t, "started a cluster", func(tb testing.TB) { kubetest.Start(tb) })
 }
 
 func TestStartWithoutBinaries(t *testing.T) {
@@ -174,15 +145,15 @@ func TestStartWithoutBinaries(t *testing.T) {
 	t.Run("fails", func(t *testing.T) {
 		t.Setenv(kubetest.SkipEnv, "")
 		o := startWith(t)
-		require.Empty(t, o.skipped)
+		require.Empty(t, o.SkipMessage)
 		require.Equal(t, "kubetest: etcd and kube-apiserver not found in "+dir+" (MESHCA_KUBE_ASSETS): "+
 			"run scripts/kube.sh (or make tools) to build them, "+
-			"or set MESHCA_SKIP_KUBE=1 to skip the tests that need a Kubernetes API server", o.failed)
+			"or set MESHCA_SKIP_KUBE=1 to skip the tests that need a Kubernetes API server", o.FailMessage)
 	})
 	t.Run("skips when told to", func(t *testing.T) {
 		t.Setenv(kubetest.SkipEnv, "1")
 		o := startWith(t)
-		require.Empty(t, o.failed)
-		require.Equal(t, "kubetest: MESHCA_SKIP_KUBE=1: skipping a test that needs a real Kubernetes API server", o.skipped)
+		require.Empty(t, o.FailMessage)
+		require.Equal(t, "kubetest: MESHCA_SKIP_KUBE=1: skipping a test that needs a real Kubernetes API server", o.SkipMessage)
 	})
 }

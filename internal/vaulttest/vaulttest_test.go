@@ -8,13 +8,13 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"fmt"
-	"runtime"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/meshca/meshca/internal/pemutil"
+	"github.com/meshca/meshca/internal/testproc"
 	"github.com/meshca/meshca/internal/vaulttest"
 )
 
@@ -115,37 +115,9 @@ func TestTLS(t *testing.T) {
 	require.False(t, health.Sealed)
 }
 
-// outcome is how a testing.TB given to vaulttest ended.
-type outcome struct {
-	testing.TB
-	failed, skipped string
-}
-
-func (o *outcome) Fatal(args ...any) { o.failed = fmt.Sprint(args...); runtime.Goexit() }
-func (o *outcome) Fatalf(format string, args ...any) {
-	o.failed = fmt.Sprintf(format, args...)
-	runtime.Goexit()
-}
-func (o *outcome) FailNow()         { o.failed = "FailNow"; runtime.Goexit() }
-func (o *outcome) Skip(args ...any) { o.skipped = fmt.Sprint(args...); runtime.Goexit() }
-func (o *outcome) Skipf(format string, args ...any) {
-	o.skipped = fmt.Sprintf(format, args...)
-	runtime.Goexit()
-}
-func (o *outcome) SkipNow() { o.skipped = "SkipNow"; runtime.Goexit() }
-
-// startWith runs vaulttest.Start in a goroutine of its own, as Fatal and
-// Skip end it, and reports how it ended.
-func startWith(t *testing.T) *outcome {
-	o := &outcome{TB: t}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		vaulttest.Start(o)
-		o.failed = "started a server"
-	}()
-	<-done
-	return o
+// startWith runs vaulttest.Start and reports how it ended.
+func startWith(t *testing.T) *testproc.Outcome {
+	return testproc.RunTB(t, "started a server", func(tb testing.TB) { vaulttest.Start(tb) })
 }
 
 func TestStartWithoutBinary(t *testing.T) {
@@ -155,15 +127,15 @@ func TestStartWithoutBinary(t *testing.T) {
 	t.Run("fails", func(t *testing.T) {
 		t.Setenv(vaulttest.SkipEnv, "")
 		o := startWith(t)
-		require.Empty(t, o.skipped)
+		require.Empty(t, o.SkipMessage)
 		require.Equal(t, "vaulttest: vault not found in "+dir+" (MESHCA_VAULT_ASSETS): "+
 			"run scripts/vault.sh (or make vault) to build it, "+
-			"or set MESHCA_SKIP_VAULT=1 to skip the tests that need a Vault server", o.failed)
+			"or set MESHCA_SKIP_VAULT=1 to skip the tests that need a Vault server", o.FailMessage)
 	})
 	t.Run("skips when told to", func(t *testing.T) {
 		t.Setenv(vaulttest.SkipEnv, "1")
 		o := startWith(t)
-		require.Empty(t, o.failed)
-		require.Equal(t, "vaulttest: MESHCA_SKIP_VAULT=1: skipping a test that needs a real Vault server", o.skipped)
+		require.Empty(t, o.FailMessage)
+		require.Equal(t, "vaulttest: MESHCA_SKIP_VAULT=1: skipping a test that needs a real Vault server", o.SkipMessage)
 	})
 }
