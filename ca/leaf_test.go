@@ -80,6 +80,16 @@ func TestSignMatchesCreateCertificate(t *testing.T) {
 			require.NoError(t, err)
 			require.Equal(t, want.RawTBSCertificate, got.RawTBSCertificate)
 			require.Equal(t, want.SignatureAlgorithm, got.SignatureAlgorithm)
+
+			// And the CA's own template, made by crypto/x509: whatever the
+			// template holds, the fast path encodes.
+			own := ca.LeafTemplate(ca.SignRequest{PublicKey: tt.key.Public(), ID: workloadID, DNSNames: tt.dns, DNSOnly: tt.only},
+				got.SerialNumber, got.NotBefore, got.NotAfter)
+			der, err = x509.CreateCertificate(rand.Reader, own, inter.Cert, tt.key.Public(), inter.Key)
+			require.NoError(t, err)
+			want, err = x509.ParseCertificate(der)
+			require.NoError(t, err)
+			require.Equal(t, want.RawTBSCertificate, got.RawTBSCertificate)
 		})
 	}
 }
