@@ -183,10 +183,12 @@ func TestRenewManyIdentities(t *testing.T) {
 // status, with its retry hint readable by RetryAfter; the other entries
 // are issued.
 func TestRenewReportsEachEntry(t *testing.T) {
-	m := startServer(t, 3, server.Limits{PerIdentity: server.Rate{PerSecond: 0.01, Burst: 1}})
+	m := startServer(t, 4, server.Limits{PerIdentity: server.Rate{PerSecond: 0.01, Burst: 1}})
 	entries := []batch.Entry{
 		{ID: m.ids[0], Token: m.tokens[0]},
-		{ID: m.ids[1], Token: m.tokens[2]}, // another identity's token
+		// Another identity's token, of an identity no other entry uses:
+		// the entries run at once, and each identity has one request.
+		{ID: m.ids[1], Token: m.tokens[3]},
 		{ID: m.ids[2], Token: m.tokens[2]},
 	}
 	results, err := batch.Renew(context.Background(), m.client, entries)
@@ -194,7 +196,7 @@ func TestRenewReportsEachEntry(t *testing.T) {
 	requireValid(t, m, entries[0], results[0])
 	require.Nil(t, results[1].SVID)
 	require.Equal(t, codes.PermissionDenied, status.Code(results[1].Err))
-	require.Contains(t, status.Convert(results[1].Err).Message(), `but the credential is for "spiffe://example.org/ns/node-a/sa/w002"`)
+	require.Contains(t, status.Convert(results[1].Err).Message(), `but the credential is for "spiffe://example.org/ns/node-a/sa/w003"`)
 	_, ok := batch.RetryAfter(results[1].Err)
 	require.False(t, ok)
 
