@@ -138,20 +138,7 @@ func TestBanFailsClosed(t *testing.T) {
 func TestBanKubernetes(t *testing.T) {
 	c := kubetest.Start(t)
 	dir := t.TempDir()
-	const caNS = "meshca-system"
-	c.CreateNamespace(t, caNS)
-	kubeconfig := filepath.Join(dir, "kubeconfig")
-	writeKubeconfig(t, c, kubeconfig)
-	config := filepath.Join(dir, "config.yaml")
-	require.NoError(t, os.WriteFile(config, []byte(`
-kubernetes:
-  enabled: true
-  kubeconfig: `+kubeconfig+`
-  namespace: `+caNS+`
-  leaseDuration: 3s
-  renewDeadline: 2s
-  retryPeriod: 250ms
-`), 0o600))
+	config := kubeModeConfig(t, c, dir, "")
 	type replica struct {
 		proc           *serverProc
 		socket, bundle string
@@ -200,7 +187,7 @@ kubernetes:
 	out, stderr, err = meshctl(t, "ban", "list", "--admin-socket", a.socket)
 	require.NoError(t, err, stderr)
 	require.Equal(t, "no bans in force\n", out)
-	_, err = c.Client.CoreV1().Secrets(caNS).Get(t.Context(), "meshca-bans", metav1.GetOptions{})
+	_, err = c.Client.CoreV1().Secrets(caNamespace).Get(t.Context(), "meshca-bans", metav1.GetOptions{})
 	require.NoError(t, err)
 	a.proc.stop()
 	b.proc.stop()

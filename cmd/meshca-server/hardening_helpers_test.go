@@ -110,23 +110,10 @@ func startKubeServer(t *testing.T, extra string) *kubeServer {
 	t.Helper()
 	c := kubetest.Start(t)
 	dir := t.TempDir()
-	const caNS = "meshca-system"
-	c.CreateNamespace(t, caNS)
-	kubeconfig := filepath.Join(dir, "kubeconfig")
-	writeKubeconfig(t, c, kubeconfig)
-	config := filepath.Join(dir, "config.yaml")
-	require.NoError(t, os.WriteFile(config, []byte(`
-kubernetes:
-  enabled: true
-  kubeconfig: `+kubeconfig+`
-  namespace: `+caNS+`
-  leaseDuration: 3s
-  renewDeadline: 2s
-  retryPeriod: 250ms
-federation:
+	config := kubeModeConfig(t, c, dir, `federation:
   endpoint:
     listenAddress: 127.0.0.1:0
-`+extra), 0o600))
+`+extra)
 	k := &kubeServer{c: c, dataDir: filepath.Join(dir, "data")}
 	k.srv, k.ready = startServerEnv(t, []string{"POD_NAME=meshca-0"}, "--config", config, "--data-dir", k.dataDir, "--health-listen", "127.0.0.1:0")
 	k.socket = filepath.Join(k.dataDir, "admin.sock")
@@ -175,4 +162,28 @@ func (k *kubeServer) waitLeader(t *testing.T) {
 		lease, err := k.c.Client.CoordinationV1().Leases("meshca-system").Get(t.Context(), "meshca-leader", metav1.GetOptions{})
 		return err == nil && lease.Spec.HolderIdentity != nil && *lease.Spec.HolderIdentity == "meshca-0"
 	}, 30*time.Second, 50*time.Millisecond, "the server never took the leader Lease")
+}
+
+// caNamespace is the namespace the tests run meshca in, in Kubernetes mode.
+const caNamespace = "meshca-system"
+
+// kubeModeConfig creates the CA's namespace in c and writes, in dir, a
+// kubeconfig for c and a config file for Kubernetes mode on it with quick
+// Lease timings, extra appended. It returns the config file's path.
+func kubeModeConfig(t *testing.T, c *kubetest.Cluster, dir, extra string) string {
+	t.Helper()
+	c.CreateNamespace(t, caNamespace)
+	kubeconfig := filepath.Join(dir, "kubeconfig")
+	writeKubeconfig(t, c, kubeconfig)
+	config := filepath.Join(dir, "config.yaml")
+	require.NoError(t, os.WriteFile(config, []byte(`
+kubernetes:
+  enabled: true
+  kubeconfig: `+kubeconfig+`
+  namespace: `+caNamespace+`
+  leaseDuration: 3s
+  renewDeadline: 2s
+  retryPeriod: 250ms
+`+extra), 0o600))
+	return config
 }

@@ -46,20 +46,7 @@ func TestKubernetes(t *testing.T) {
 	c := kubetest.Start(t)
 	ctx := t.Context()
 	dir := t.TempDir()
-	const caNS = "meshca-system"
-	c.CreateNamespace(t, caNS)
-	kubeconfig := filepath.Join(dir, "kubeconfig")
-	writeKubeconfig(t, c, kubeconfig)
-	config := filepath.Join(dir, "config.yaml")
-	require.NoError(t, os.WriteFile(config, []byte(`
-kubernetes:
-  enabled: true
-  kubeconfig: `+kubeconfig+`
-  namespace: `+caNS+`
-  leaseDuration: 3s
-  renewDeadline: 2s
-  retryPeriod: 250ms
-`), 0o600))
+	config := kubeModeConfig(t, c, dir, "")
 
 	// Two replicas, each with its own data directory (bundle.pem, socket).
 	type replica struct {
@@ -168,7 +155,7 @@ kubernetes:
 
 	// One of them leads, and has published the bundle in every namespace.
 	leaderName := func() string {
-		lease, err := c.Client.CoordinationV1().Leases(caNS).Get(ctx, "meshca-leader", metav1.GetOptions{})
+		lease, err := c.Client.CoordinationV1().Leases(caNamespace).Get(ctx, "meshca-leader", metav1.GetOptions{})
 		if err != nil || lease.Spec.HolderIdentity == nil {
 			return ""
 		}
@@ -227,7 +214,7 @@ kubernetes:
 	require.NoError(t, err, osslOut)
 
 	// The state Secret holds the keys, and nothing else holds them.
-	secret, err := c.Client.CoreV1().Secrets(caNS).Get(ctx, "meshca-state", metav1.GetOptions{})
+	secret, err := c.Client.CoreV1().Secrets(caNamespace).Get(ctx, "meshca-state", metav1.GetOptions{})
 	require.NoError(t, err)
 	require.Equal(t, corev1.SecretTypeOpaque, secret.Type)
 	require.NotContains(t, follower.proc.logs.String(), "PRIVATE KEY")

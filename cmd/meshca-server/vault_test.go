@@ -431,26 +431,13 @@ func TestVaultKubernetes(t *testing.T) {
 	vs.PutPolicy(t, "meshca", fmt.Sprintf(`path "%s/root/sign-intermediate" { capabilities = ["update"] }`, mount))
 	ctx := t.Context()
 	dir := t.TempDir()
-	const caNS = "meshca-system"
-	c.CreateNamespace(t, caNS)
 	app := c.CreateNamespace(t, "app-").Name
 	other := c.CreateNamespace(t, "other-").Name
 	c.CreateServiceAccount(t, app, "web")
 	c.CreateServiceAccount(t, other, "web")
-	kubeconfig := filepath.Join(dir, "kubeconfig")
-	writeKubeconfig(t, c, kubeconfig)
 	vaultToken := filepath.Join(dir, "vault-token")
 	require.NoError(t, os.WriteFile(vaultToken, []byte(vs.CreateToken(t, []string{"meshca"}, 0)), 0o600))
-	config := filepath.Join(dir, "config.yaml")
-	require.NoError(t, os.WriteFile(config, []byte(fmt.Sprintf(`
-kubernetes:
-  enabled: true
-  kubeconfig: %s
-  namespace: %s
-  leaseDuration: 3s
-  renewDeadline: 2s
-  retryPeriod: 250ms
-authority:
+	config := kubeModeConfig(t, c, dir, fmt.Sprintf(`authority:
   mode: vault
   rotationCheckInterval: 500ms
   vault:
@@ -460,7 +447,7 @@ authority:
       tokenFile: %s
 policy:
   allowedPathPrefixes: ["/ns/%s/"]
-`, kubeconfig, caNS, vs.Addr, mount, vaultToken, app)), 0o600))
+`, vs.Addr, mount, vaultToken, app))
 
 	type replica struct {
 		name, socket, bundle string
@@ -485,7 +472,7 @@ policy:
 	// The leader calls Vault; the other replica does not, and says so.
 	var leader, follower *replica
 	require.Eventually(t, func() bool {
-		lease, err := c.Client.CoordinationV1().Leases(caNS).Get(ctx, "meshca-leader", metav1.GetOptions{})
+		lease, err := c.Client.CoordinationV1().Leases(caNamespace).Get(ctx, "meshca-leader", metav1.GetOptions{})
 		if err != nil || lease.Spec.HolderIdentity == nil {
 			return false
 		}
