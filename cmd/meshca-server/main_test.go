@@ -235,10 +235,13 @@ func TestEndToEnd(t *testing.T) {
 
 	// bench runs against it and reports server figures.
 	stdout, stderr, err = meshctl(t, "bench", "--server", srv.addr, "--ca-bundle", bundle, "--token-file", token,
-		"--spiffe-id", demo, "-c", "2", "-d", "1s", "--csrs", "8", "--metrics-url", "http://"+srv.metrics+"/metrics")
+		"--spiffe-id", demo, "-c", "2", "-d", "1s", "--csrs", "8", "--metrics-url", "http://"+srv.metrics+"/metrics",
+		"--transport-probe", "300ms")
 	require.NoError(t, err, stderr)
 	require.Contains(t, stdout, " 0 errors")
-	require.Contains(t, stdout, "efficiency")
+	require.Contains(t, stdout, "\nefficiency ")
+	require.Contains(t, stdout, "\ntransport  ")
+	require.Contains(t, stdout, "\nceiling    ")
 
 	// Nothing secret reached the log.
 	tokenBytes, err := os.ReadFile(token)

@@ -67,6 +67,9 @@ type benchOptions struct {
 	metricsURL  string
 	connections int
 	output      string
+	// transportProbe is how long steady runs the transport probe after
+	// the run; 0 skips it.
+	transportProbe time.Duration
 
 	// storm and mixed
 	keys            string
@@ -167,6 +170,20 @@ Every mode reports:
   efficiency  crypto cost / server CPU per certificate: how much of the
               server's work per certificate is the crypto it cannot avoid
 
+Steady also reports, after the run (--transport-probe, 0 to skip):
+
+  transport   the server's CPU time per call of BundleService.GetBundle,
+              sent by the same workers over the same connections with the
+              same authorization header for --transport-probe: what a
+              gRPC call over TLS costs when it does no work (HTTP/2, TLS
+              records, system calls, waking goroutines). The server
+              answers it faster than Sign, so more answers share a write:
+              a lower bound of what Sign's calls cost
+  ceiling     crypto / (crypto + transport per call, over --batch): the
+              efficiency of a server that did nothing per certificate but
+              the crypto and the call, an upper bound for this transport
+              on this machine
+
 An interrupt (Ctrl-C) ends the run and prints the results so far. Measure
 on an otherwise idle server; bench and a server on the same machine share
 its CPUs. The server's CPU includes everything it does per request: TLS
@@ -210,6 +227,7 @@ handshakes and HTTP/2, authentication, audit logging.`,
 	f.StringVar(&o.spiffeID, "spiffe-id", "", "SPIFFE ID of the token, asked for by every CSR")
 	f.StringVar(&o.metricsURL, "metrics-url", "http://127.0.0.1:9402/metrics", `the server's Prometheus metrics, for its CPU and memory ("" to skip)`)
 	f.IntVar(&o.connections, "connections", 1, "steady: number of gRPC connections the workers share")
+	f.DurationVar(&o.transportProbe, "transport-probe", defaultTransportProbe, "steady: how long to measure a call that does no work after the run (0: skip)")
 	f.IntVar(&o.batch, "batch", 1, fmt.Sprintf("steady: certificates per call; more than 1 sends SignBatch with that many token entries (at most %d) instead of Sign", maxBenchBatch))
 	f.StringVarP(&o.output, "output", "o", "text", "output format: text or json")
 	f.StringVar(&o.cpuProfile, "cpu-profile", "", "write bench's own CPU profile to this file (go tool pprof): where the load generator's time goes")
@@ -235,7 +253,7 @@ func (o *benchOptions) complete(cmd *cobra.Command) error {
 			}
 		}
 	case modeStorm, modeMixed:
-		for _, name := range []string{"duration", "connections", "batch"} {
+		for _, name := range []string{"duration", "connections", "batch", "transport-probe"} {
 			if changed(name) {
 				return fmt.Errorf("--%s is for --mode steady: a %s ends when its -n workloads are done", name, o.mode)
 			}
@@ -302,6 +320,8 @@ func (o *benchOptions) validate() error {
 		return fmt.Errorf("--duration %s: want 0 or more", o.duration)
 	case o.duration == 0 && o.requests == 0:
 		return errors.New("--duration 0 needs --requests: the run would never end")
+	case o.transportProbe < 0:
+		return fmt.Errorf("--transport-probe %s: want 0 (skip) or more", o.transportProbe)
 	}
 	return nil
 }
@@ -438,12 +458,20 @@ func (o *benchOptions) runSteady(ctx context.Context, stop context.CancelFunc, c
 	}
 	res := runLoad(authCtx, loadConfig{workers: workers, duration: o.duration, requests: o.requests}, call)
 	r.Interrupted = ctx.Err() != nil
-	stop() // a second interrupt ends meshctl at once
 	r.setLoad(res)
 
 	if o.metricsURL != "" {
 		r.scrapeAfter(cmd.Context(), httpClient, before)
+		if !r.Interrupted && o.transportProbe > 0 {
+			t, err := probeTransport(authCtx, httpClient, o.metricsURL, conns, workers, o.transportProbe, o.server.timeout)
+			if err != nil {
+				r.TransportError = err.Error()
+			} else {
+				r.Transport = &t
+			}
+		}
 	}
+	stop() // a second interrupt ends meshctl at once
 	r.LocalGOMAXPROCS = runtime.GOMAXPROCS(0)
 
 	if o.output == "json" {
@@ -558,6 +586,11 @@ type benchReport struct {
 	ErrorSamples map[string]string
 	Latency      latencySummary
 
+	// Transport is the transport probe's figures, nil when it did not
+	// run; TransportError says why it failed.
+	Transport      *transportFigures
+	TransportError string
+
 	benchCommon
 }
 
@@ -636,6 +669,7 @@ func (r *benchReport) writeText(w io.Writer) {
 			formatDuration(r.Latency.P50), formatDuration(r.Latency.P90), formatDuration(r.Latency.P99), formatDuration(r.Latency.Max))
 	}
 	r.writeFigures(w)
+	r.writeTransport(w)
 }
 
 // writeFigures writes the server, crypto and efficiency lines.
@@ -703,6 +737,9 @@ type benchJSON struct {
 	Crypto      cryptoJSON    `json:"crypto"`
 	// EfficiencyPercent is absent when the server's CPU per cert is unknown.
 	EfficiencyPercent *float64 `json:"efficiencyPercent,omitempty"`
+	// Transport is the transport probe's figures (steady).
+	Transport      *transportJSON `json:"transport,omitempty"`
+	TransportError string         `json:"transportError,omitempty"`
 }
 
 type latencyJSON struct {
@@ -796,6 +833,7 @@ func (r *benchReport) json() benchJSON {
 		out.Errors = map[string]int{}
 	}
 	r.fillJSON(&out)
+	out.Transport, out.TransportError = r.transportJSON(), r.TransportError
 	return out
 }
 

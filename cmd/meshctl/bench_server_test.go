@@ -69,6 +69,9 @@ type benchServer struct {
 
 	accepts atomic.Int64
 	watches atomic.Int64
+	// bundleCalls counts GetBundle calls, and bundleCallsWithToken those
+	// of them that carried an authorization header.
+	bundleCalls, bundleCallsWithToken atomic.Int64
 
 	// shedFrom and shedCount make the server refuse Sign calls number
 	// shedFrom+1 to shedFrom+shedCount (counting from 1) with
@@ -178,11 +181,17 @@ type numberedAddr struct {
 func (c *numberedConn) RemoteAddr() net.Addr { return numberedAddr{Addr: c.Conn.RemoteAddr(), n: c.n} }
 
 func (b *benchServer) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	if info.FullMethod == meshcav1.BundleService_GetBundle_FullMethodName {
+		b.bundleCalls.Add(1)
+		if len(md.Get("authorization")) > 0 {
+			b.bundleCallsWithToken.Add(1)
+		}
+	}
 	if info.FullMethod != meshcav1.CertificateService_Sign_FullMethodName {
 		return handler(ctx, req)
 	}
 	var call signCall
-	md, _ := metadata.FromIncomingContext(ctx)
 	call.token = len(md.Get("authorization")) > 0
 	if p, ok := peer.FromContext(ctx); ok {
 		if a, ok := p.Addr.(numberedAddr); ok {
@@ -474,15 +483,52 @@ func TestBenchMixedRenewsOverMTLS(t *testing.T) {
 // the rate counts certificates, and the server issued every one.
 func TestBenchSteadyBatch(t *testing.T) {
 	b := startBenchServer(t)
-	got := runBenchJSON(t, b, "-d", "0", "-n", "5", "-c", "2", "--batch", "4")
+	got := runBenchJSON(t, b, "-d", "0", "-n", "5", "-c", "2", "--batch", "4", "--transport-probe", "0")
 	requireFigures(t, got, "steady")
 	require.Equal(t, float64(4), got["batch"])
 	require.Equal(t, float64(5), got["ok"], "5 calls")
 	require.Equal(t, float64(20), got["server"].(map[string]any)["issued"], "4 certificates a call")
 	require.Len(t, b.signCalls(), 1, "one Sign, the preflight; the rest were SignBatch")
+	require.NotContains(t, got, "transport", "--transport-probe 0 skips the probe")
+	require.Zero(t, b.bundleCalls.Load())
 
 	_, err := runMeshctl(t, b.args("--batch", "65")...)
 	require.ErrorContains(t, err, "--batch 65: want 1 (Sign) to 64 (SignBatch entries)")
 	_, err = runMeshctl(t, b.args("--mode", "storm", "--batch", "2")...)
 	require.ErrorContains(t, err, "--batch is for --mode steady")
+}
+
+// TestBenchSteadyTransportProbe: after a steady run, bench sends GetBundle
+// over the same connections with the same header, and reports the
+// server's CPU per call and the ceiling it gives.
+func TestBenchSteadyTransportProbe(t *testing.T) {
+	b := startBenchServer(t)
+	got := runBenchJSON(t, b, "-d", "0", "-n", "20", "-c", "3", "--connections", "2", "--transport-probe", "300ms")
+	requireFigures(t, got, "steady")
+	require.Equal(t, float64(20), got["ok"])
+	require.NotContains(t, got, "transportError")
+	tr, ok := got["transport"].(map[string]any)
+	require.True(t, ok, "transport figures: %v", got)
+
+	// Every call the probe counted reached the server, with the token,
+	// over the run's two connections: no connection was added for it.
+	calls := b.bundleCalls.Load()
+	require.Positive(t, calls)
+	require.Equal(t, float64(calls), tr["calls"])
+	require.Equal(t, calls, b.bundleCallsWithToken.Load())
+	require.Equal(t, int64(2), b.accepts.Load())
+	require.InDelta(t, 0.3, tr["probeDurationSeconds"], 0.25)
+	require.Equal(t, float64(1), tr["certificatesPerCall"])
+
+	// The ceiling is the crypto floor over the floor plus the server's
+	// CPU per call.
+	perCall := tr["cpuPerCallMicros"].(float64)
+	require.InDelta(t, tr["cpuSeconds"].(float64)*1e6/float64(calls), perCall, 0.01)
+	floor := got["crypto"].(map[string]any)["perCertMicros"].(float64)
+	require.InDelta(t, 100*floor/(floor+perCall), tr["ceilingPercent"], 0.01)
+
+	_, err := runMeshctl(t, b.args("--transport-probe", "-1s")...)
+	require.ErrorContains(t, err, "--transport-probe -1s: want 0 (skip) or more")
+	_, err = runMeshctl(t, b.args("--mode", "storm", "--transport-probe", "1s")...)
+	require.ErrorContains(t, err, "--transport-probe is for --mode steady")
 }

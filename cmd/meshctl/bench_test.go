@@ -396,6 +396,25 @@ crypto     in-process P-256 CSR verify + sign: 95.0µs/cert (limit 10526 certs/s
 efficiency unknown (needs the server's CPU per cert)
 `, out.String())
 	})
+	t.Run("transport probe", func(t *testing.T) {
+		r := testReport()
+		r.Transport = &transportFigures{calls: 60000, elapsed: 3 * time.Second, cpu: 2400 * time.Millisecond}
+		var out bytes.Buffer
+		r.writeText(&out)
+		require.Contains(t, out.String(), `efficiency 23.0% (crypto cost / server CPU per cert)
+transport  40.0µs server CPU per GetBundle call, a call that does no work (20000 calls/s, same workers and connections)
+ceiling    70.4% (crypto / (crypto + transport per call): the efficiency of a server doing nothing else)
+`)
+		r.Batch = 32
+		out.Reset()
+		r.writeText(&out)
+		require.Contains(t, out.String(), "ceiling    98.7% (crypto / (crypto + transport per call of 32)")
+
+		r.Transport, r.TransportError = nil, "3 of 9 GetBundle calls failed (Unavailable: gone)"
+		out.Reset()
+		r.writeText(&out)
+		require.True(t, strings.HasSuffix(out.String(), "\ntransport  not measured: 3 of 9 GetBundle calls failed (Unavailable: gone)\n"), out.String())
+	})
 	t.Run("scrape failed", func(t *testing.T) {
 		r := testReport()
 		r.Server, r.ServerError = nil, "connection refused"
@@ -426,6 +445,41 @@ func TestBenchReportJSON(t *testing.T) {
 	require.Equal(t, false, got["interrupted"])
 	require.Equal(t, "steady", got["mode"])
 	require.NotContains(t, got, "storm")
+	require.NotContains(t, got, "transport")
+
+	r.Transport = &transportFigures{calls: 60000, elapsed: 3 * time.Second, cpu: 2400 * time.Millisecond}
+	data, err = json.Marshal(r.json())
+	require.NoError(t, err)
+	got = map[string]any{}
+	require.NoError(t, json.Unmarshal(data, &got))
+	require.Equal(t, map[string]any{
+		"calls": float64(60000), "callsPerSecond": float64(20000), "cpuSeconds": 2.4,
+		"cpuPerCallMicros": float64(40), "ceilingPercent": 100 * 95.0 / 135,
+		"certificatesPerCall": float64(1), "probeDurationSeconds": float64(3),
+	}, got["transport"])
+}
+
+func TestTransportCeiling(t *testing.T) {
+	tr := transportFigures{calls: 1000, elapsed: time.Second, cpu: 50 * time.Millisecond}
+	perCall, ok := tr.perCall()
+	require.True(t, ok)
+	require.Equal(t, 50*time.Microsecond, perCall)
+	c, ok := tr.ceiling(100*time.Microsecond, 1)
+	require.True(t, ok)
+	require.InDelta(t, 66.67, c, 0.01)
+	// A batch shares the call's cost among its certificates.
+	c, ok = tr.ceiling(100*time.Microsecond, 10)
+	require.True(t, ok)
+	require.InDelta(t, 95.24, c, 0.01)
+
+	for _, tr := range []transportFigures{{calls: 0, cpu: time.Second}, {calls: 10, cpu: 0}} {
+		_, ok := tr.perCall()
+		require.False(t, ok)
+		_, ok = tr.ceiling(100*time.Microsecond, 1)
+		require.False(t, ok)
+	}
+	_, ok = tr.ceiling(0, 1)
+	require.False(t, ok, "no crypto floor, no ceiling")
 }
 
 func TestFormatDuration(t *testing.T) {
