@@ -19,6 +19,8 @@ import (
 	"runtime/pprof"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -27,7 +29,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
-	"google.golang.org/grpc/status"
 
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
 )
@@ -95,6 +96,10 @@ Modes (--mode):
           CSRs made before the run and sent in turn: the server's
           steady-state rate, without key generation or handshakes. Each
           connection is tried with one Sign before the run (not counted).
+          --batch N sends SignBatch calls of N token entries instead:
+          latency and errors are then those of the calls, and an entry
+          the server refuses in a call that succeeded is counted apart
+          ("refused", by code), not as a certificate.
 
   storm   -n new workloads, --concurrency of them in flight at once. Each
           workload has its own new P-256 key and CSR, opens a NEW TLS
@@ -398,6 +403,9 @@ func (o *benchOptions) runSteady(ctx context.Context, stop context.CancelFunc, c
 		Requests:    o.requests,
 		benchCommon: benchCommon{MetricsURL: o.metricsURL},
 	}
+	if o.batch > 1 {
+		r.Entries = &entryTally{}
+	}
 
 	reqs, sample, err := makeSignRequests(o.csrs, id)
 	if err != nil {
@@ -439,7 +447,7 @@ func (o *benchOptions) runSteady(ctx context.Context, stop context.CancelFunc, c
 	call := func(ctx context.Context, worker, i int) error {
 		ctx, cancel := context.WithTimeout(ctx, o.server.timeout)
 		defer cancel()
-		return signBatch(ctx, clients[worker%len(clients)], reqs, (worker+i*workers)*o.batch, o.batch, token)
+		return signBatch(ctx, clients[worker%len(clients)], reqs, (worker+i*workers)*o.batch, o.batch, token, r.Entries)
 	}
 	if o.batch == 1 {
 		call = func(ctx context.Context, worker, i int) error {
@@ -485,10 +493,43 @@ func (o *benchOptions) runSteady(ctx context.Context, stop context.CancelFunc, c
 // server's limit.
 const maxBenchBatch = 64
 
+// entryTally counts the entries of SignBatch calls: a refused entry does
+// not fail its call, so the certificates issued and the entries refused
+// are counted apart from the calls.
+type entryTally struct {
+	certs atomic.Int64
+
+	mu      sync.Mutex
+	refused map[string]int
+	samples map[string]string
+}
+
+func (t *entryTally) refuse(code codes.Code, msg string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.refused == nil {
+		t.refused, t.samples = map[string]int{}, map[string]string{}
+	}
+	key := code.String()
+	if t.refused[key] == 0 {
+		t.samples[key] = msg
+	}
+	t.refused[key]++
+}
+
+// refusals returns the refused entries by code, and the first message of
+// each.
+func (t *entryTally) refusals() (map[string]int, map[string]string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return maps.Clone(t.refused), maps.Clone(t.samples)
+}
+
 // signBatch sends one SignBatch of n entries, each with the token and the
-// next of reqs' CSRs from first on. A refused entry fails the call, with
-// its code.
-func signBatch(ctx context.Context, client meshcav1.CertificateServiceClient, reqs []*meshcav1.SignRequest, first, n int, token string) error {
+// next of reqs' CSRs from first on, and counts its entries in tally. The
+// call fails when SignBatch fails or its answer is malformed; a refused
+// entry is counted, not failed.
+func signBatch(ctx context.Context, client meshcav1.CertificateServiceClient, reqs []*meshcav1.SignRequest, first, n int, token string, tally *entryTally) error {
 	entries := make([]*meshcav1.SignBatchEntry, n)
 	for k := range entries {
 		entries[k] = &meshcav1.SignBatchEntry{
@@ -505,11 +546,13 @@ func signBatch(ctx context.Context, client meshcav1.CertificateServiceClient, re
 	}
 	for _, res := range resp.GetResults() {
 		if c := codes.Code(res.GetCode()); c != codes.OK {
-			return status.Error(c, res.GetMessage())
+			tally.refuse(c, res.GetMessage())
+			continue
 		}
 		if len(res.GetCertChain()) == 0 {
 			return errInvalidResponse
 		}
+		tally.certs.Add(1)
 	}
 	return nil
 }
@@ -586,6 +629,10 @@ type benchReport struct {
 	ErrorSamples map[string]string
 	Latency      latencySummary
 
+	// Entries counts SignBatch's entries; nil unless Batch is more
+	// than 1.
+	Entries *entryTally
+
 	// Transport is the transport probe's figures, nil when it did not
 	// run; TransportError says why it failed.
 	Transport      *transportFigures
@@ -602,9 +649,11 @@ func (r *benchReport) setLoad(res loadResult) {
 	r.Latency = summarizeLatencies(res.latencies)
 }
 
-func (r *benchReport) failed() int {
+func (r *benchReport) failed() int { return sumCounts(r.Errors) }
+
+func sumCounts(m map[string]int) int {
 	n := 0
-	for _, c := range r.Errors {
+	for _, c := range m {
 		n += c
 	}
 	return n
@@ -614,7 +663,10 @@ func (r *benchReport) rate() float64 {
 	if r.Elapsed <= 0 {
 		return 0
 	}
-	return float64(r.OK*max(r.Batch, 1)) / r.Elapsed.Seconds()
+	if r.Entries != nil {
+		return float64(r.Entries.certs.Load()) / r.Elapsed.Seconds()
+	}
+	return float64(r.OK) / r.Elapsed.Seconds()
 }
 
 // cores returns the number of cores the multi-core limit is for: the
@@ -660,6 +712,13 @@ func (r *benchReport) writeText(w io.Writer) {
 	fmt.Fprintf(w, "requests   %d ok, %d errors in %s\n", r.OK, r.failed(), formatDuration(r.Elapsed))
 	for _, code := range slices.Sorted(maps.Keys(r.Errors)) {
 		fmt.Fprintf(w, "errors     %s %d (first: %s)\n", code, r.Errors[code], truncate(r.ErrorSamples[code], 160))
+	}
+	if r.Entries != nil {
+		refused, samples := r.Entries.refusals()
+		fmt.Fprintf(w, "entries    %d certificates, %d refused\n", r.Entries.certs.Load(), sumCounts(refused))
+		for _, code := range slices.Sorted(maps.Keys(refused)) {
+			fmt.Fprintf(w, "refused    %s %d (first: %s)\n", code, refused[code], truncate(samples[code], 160))
+		}
 	}
 	fmt.Fprintf(w, "rate       %.1f certs/s\n", r.rate())
 	if r.Latency.Count == 0 {
@@ -737,6 +796,11 @@ type benchJSON struct {
 	Crypto      cryptoJSON    `json:"crypto"`
 	// EfficiencyPercent is absent when the server's CPU per cert is unknown.
 	EfficiencyPercent *float64 `json:"efficiencyPercent,omitempty"`
+	// Certificates and RefusedEntries count SignBatch's entries (steady
+	// with --batch); RefusedEntries is absent when none was refused.
+	Certificates        *int64            `json:"certificates,omitempty"`
+	RefusedEntries      map[string]int    `json:"refusedEntries,omitempty"`
+	RefusedEntrySamples map[string]string `json:"refusedEntrySamples,omitempty"`
 	// Transport is the transport probe's figures (steady).
 	Transport      *transportJSON `json:"transport,omitempty"`
 	TransportError string         `json:"transportError,omitempty"`
@@ -831,6 +895,11 @@ func (r *benchReport) json() benchJSON {
 	}
 	if out.Errors == nil {
 		out.Errors = map[string]int{}
+	}
+	if r.Entries != nil {
+		certs := r.Entries.certs.Load()
+		out.Certificates = &certs
+		out.RefusedEntries, out.RefusedEntrySamples = r.Entries.refusals()
 	}
 	r.fillJSON(&out)
 	out.Transport, out.TransportError = r.transportJSON(), r.TransportError

@@ -86,6 +86,9 @@ type benchServer struct {
 	gateOpensAt int
 	gateOnce    sync.Once
 	renewed     int
+	// refuseSecondEntry turns the second result of every SignBatch
+	// answer into a refusal.
+	refuseSecondEntry bool
 
 	mu    sync.Mutex
 	calls []signCall
@@ -187,6 +190,13 @@ func (b *benchServer) intercept(ctx context.Context, req any, info *grpc.UnarySe
 		if len(md.Get("authorization")) > 0 {
 			b.bundleCallsWithToken.Add(1)
 		}
+	}
+	if info.FullMethod == meshcav1.CertificateService_SignBatch_FullMethodName && b.refuseSecondEntry {
+		resp, err := handler(ctx, req)
+		if results := resp.(*meshcav1.SignBatchResponse).GetResults(); err == nil && len(results) > 1 {
+			results[1] = &meshcav1.SignBatchResult{Code: int32(codes.PermissionDenied), Message: "test: second entry refused"}
+		}
+		return resp, err
 	}
 	if info.FullMethod != meshcav1.CertificateService_Sign_FullMethodName {
 		return handler(ctx, req)
@@ -492,6 +502,9 @@ func TestBenchSteadyBatch(t *testing.T) {
 	require.NotContains(t, got, "transport", "--transport-probe 0 skips the probe")
 	require.Zero(t, b.bundleCalls.Load())
 
+	require.Equal(t, float64(20), got["certificates"])
+	require.NotContains(t, got, "refusedEntries", "no entry was refused")
+
 	_, err := runMeshctl(t, b.args("--batch", "65")...)
 	require.ErrorContains(t, err, "--batch 65: want 1 (Sign) to 64 (SignBatch entries)")
 	_, err = runMeshctl(t, b.args("--mode", "storm", "--batch", "2")...)
@@ -531,4 +544,25 @@ func TestBenchSteadyTransportProbe(t *testing.T) {
 	require.ErrorContains(t, err, "--transport-probe -1s: want 0 (skip) or more")
 	_, err = runMeshctl(t, b.args("--mode", "storm", "--transport-probe", "1s")...)
 	require.ErrorContains(t, err, "--transport-probe is for --mode steady")
+}
+
+// TestBenchSteadyBatchCountsEntries: an entry the server refuses does not
+// fail its call; it is counted by code, and not as a certificate.
+func TestBenchSteadyBatchCountsEntries(t *testing.T) {
+	b := startBenchServer(t)
+	b.refuseSecondEntry = true
+	out, err := runMeshctl(t, b.args("-d", "0", "-n", "6", "-c", "2", "--batch", "3", "--transport-probe", "0")...)
+	require.NoError(t, err)
+	require.Contains(t, out, "requests   6 ok, 0 errors")
+	require.Contains(t, out, "\nentries    12 certificates, 6 refused\n")
+	require.Contains(t, out, "\nrefused    PermissionDenied 6 (first: test: second entry refused)\n")
+
+	got := runBenchJSON(t, b, "-d", "0", "-n", "4", "-c", "2", "--batch", "3", "--transport-probe", "0")
+	require.Equal(t, float64(4), got["ok"])
+	require.Equal(t, map[string]any{}, got["errors"])
+	require.Equal(t, float64(8), got["certificates"])
+	require.Equal(t, map[string]any{"PermissionDenied": float64(4)}, got["refusedEntries"])
+	require.Equal(t, map[string]any{"PermissionDenied": "test: second entry refused"}, got["refusedEntrySamples"])
+	// The rate counts certificates only.
+	require.InDelta(t, 8/got["elapsedSeconds"].(float64), got["certsPerSecond"], 1e-6)
 }
