@@ -33,6 +33,10 @@ func TestSignMatchesCreateCertificate(t *testing.T) {
 		key  crypto.Signer
 		dns  []string
 		only bool // DNSOnly
+		// noSKI drops the issuer's SubjectKeyId (an operator's
+		// intermediate may have none): the leaf then has no
+		// AuthorityKeyId, as crypto/x509 makes it.
+		noSKI bool
 	}{
 		{name: "P-256 leaf", now: testNow(), key: testca.NewKey(t)},
 		{name: "DNS-only leaf (Linkerd)", now: testNow(), key: testca.NewKey(t), dns: []string{"web.default.serviceaccount.identity.linkerd.cluster.local"}, only: true},
@@ -41,10 +45,14 @@ func TestSignMatchesCreateCertificate(t *testing.T) {
 		{name: "RSA leaf (keyEncipherment)", now: testNow(), key: rsa2048},
 		{name: "NotAfter in 2050 (GeneralizedTime)", now: time.Date(2049, 12, 31, 23, 0, 0, 0, time.UTC), ttl: 2 * time.Hour, key: testca.NewKey(t)},
 		{name: "short-lived", now: testNow(), ttl: 10 * time.Second, key: testca.NewKey(t)},
+		{name: "issuer without SubjectKeyId", now: testNow(), key: testca.NewKey(t), noSKI: true},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			inter := testca.New(t, td, testca.WithLifetime(tt.now.Add(-time.Hour), tt.now.Add(24*time.Hour))).
 				ChildCA(testca.WithLifetime(tt.now.Add(-time.Hour), tt.now.Add(24*time.Hour)))
+			if tt.noSKI {
+				inter.Cert.SubjectKeyId = nil
+			}
 			c, err := ca.New(inter.AuthoritySet(), ca.Options{Clock: clocktesting.NewFakePassiveClock(tt.now)})
 			require.NoError(t, err)
 			issued, err := c.Sign(context.Background(), ca.SignRequest{PublicKey: tt.key.Public(), ID: workloadID, TTL: tt.ttl, DNSNames: tt.dns, DNSOnly: tt.only})
@@ -56,6 +64,11 @@ func TestSignMatchesCreateCertificate(t *testing.T) {
 			require.NoError(t, err)
 			require.Equal(t, parsed, got)
 			require.NoError(t, got.CheckSignatureFrom(inter.Cert))
+			if tt.noSKI {
+				require.Nil(t, got.AuthorityKeyId)
+			} else {
+				require.Equal(t, inter.Cert.SubjectKeyId, got.AuthorityKeyId)
+			}
 			require.Equal(t, tt.dns, got.DNSNames)
 			if tt.only {
 				require.Empty(t, got.URIs)
