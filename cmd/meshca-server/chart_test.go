@@ -25,6 +25,7 @@ import (
 
 	"github.com/meshca/meshca/identity/federation"
 	"github.com/meshca/meshca/internal/pemutil"
+	"github.com/meshca/meshca/internal/server"
 	"github.com/meshca/meshca/testca"
 )
 
@@ -167,13 +168,12 @@ func (r *renderedChart) server(t *testing.T) *corev1.Container {
 	return nil
 }
 
-// loadConfig lays the pod's ConfigMap volumes out under a temporary root as
-// the kubelet mounts them, loads the config file the container's --config
-// names with the server's own loader, and completes it with every file it
-// names read from under that root.
-func (r *renderedChart) loadConfig(t *testing.T) *completeConfig {
+// mountConfig lays the pod's ConfigMap volumes out under a temporary root
+// as the kubelet mounts them, and returns the root and the path of the
+// config file the container's --config names.
+func (r *renderedChart) mountConfig(t *testing.T) (root, config string) {
 	t.Helper()
-	root := t.TempDir()
+	root = t.TempDir()
 	c := r.server(t)
 	volumes := map[string]corev1.Volume{}
 	for _, v := range r.deployment.Spec.Template.Spec.Volumes {
@@ -196,7 +196,17 @@ func (r *renderedChart) loadConfig(t *testing.T) *completeConfig {
 	}
 	i := slices.Index(c.Args, "--config")
 	require.True(t, i >= 0 && i+1 < len(c.Args), "no --config in %q", c.Args)
-	cfg, err := loadConfig(filepath.Join(root, c.Args[i+1]))
+	return root, filepath.Join(root, c.Args[i+1])
+}
+
+// loadConfig lays the pod's ConfigMap volumes out under a temporary root as
+// the kubelet mounts them, loads the config file the container's --config
+// names with the server's own loader, and completes it with every file it
+// names read from under that root.
+func (r *renderedChart) loadConfig(t *testing.T) *completeConfig {
+	t.Helper()
+	root, path := r.mountConfig(t)
+	cfg, err := loadConfig(path)
 	require.NoError(t, err)
 
 	inPod := func(p *string) {
@@ -258,6 +268,31 @@ func TestChartConfig(t *testing.T) {
 		require.False(t, ok)
 		require.NotContains(t, r.services, chartRelease+"-federation")
 		require.Equal(t, []string{"config.yaml"}, sortedKeys(r.configMaps[chartRelease+"-config"].Data))
+	})
+
+	t.Run("policy limits admission", func(t *testing.T) {
+		r := renderChart(t, map[string]any{
+			"policy": map[string]any{"allowedPathPrefixes": []any{"/ns/payments/"}},
+			"limits": map[string]any{
+				"perIdentity":             map[string]any{"rate": 2, "burst": 5},
+				"maxConnectionsPerSource": 64,
+			},
+			"admission": map[string]any{"maxInFlight": 8, "maxWaitRenewal": "100ms", "maxHandshakes": -1},
+		})
+		cc := r.loadConfig(t)
+		require.Equal(t, []string{"/ns/payments/"}, cc.Policy.AllowedPathPrefixes)
+		require.Equal(t, server.Rate{PerSecond: 2, Burst: 5}, cc.limits.PerIdentity)
+		require.Equal(t, 64, cc.limits.MaxConnectionsPerSource)
+		require.Equal(t, 8, cc.admit.MaxInFlight)
+		require.Equal(t, 100*time.Millisecond, cc.admit.MaxWaitRenewal)
+		require.Equal(t, -1, cc.admit.MaxHandshakes)
+
+		// A key the server does not know stops it at start, not later.
+		r = renderChart(t, map[string]any{"admission": map[string]any{"maxInFlights": 8}})
+		require.Contains(t, r.configMaps[chartRelease+"-config"].Data["config.yaml"], "\nadmission:\n  maxInFlights: 8\n")
+		_, path := r.mountConfig(t)
+		_, err := loadConfig(path)
+		require.ErrorContains(t, err, `unknown field "maxInFlights"`)
 	})
 
 	t.Run("endpoint alone", func(t *testing.T) {

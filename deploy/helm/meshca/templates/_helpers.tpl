@@ -126,6 +126,12 @@ linkerd:
   audiences: {{ toJson .Values.linkerd.audiences }}
   controlPlaneNamespace: {{ .Values.linkerd.controlPlaneNamespace | quote }}
   clusterDomain: {{ .Values.clusterDomain | quote }}
+{{- range $key := list "policy" "limits" "admission" }}
+{{- with index $.Values $key }}
+{{ $key }}:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
 {{- $fed := .Values.federation }}
 {{- if or $fed.endpoint.enabled $fed.peers }}
 {{- include "meshca.federation.check" . }}
