@@ -23,6 +23,7 @@ import (
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
 
+	"github.com/meshca/meshca/ca/vaultca"
 	"github.com/meshca/meshca/identity/federation"
 	"github.com/meshca/meshca/internal/pemutil"
 	"github.com/meshca/meshca/internal/server"
@@ -222,6 +223,7 @@ func (r *renderedChart) loadConfig(t *testing.T) *completeConfig {
 	inPod(&cfg.Federation.Endpoint.CertFile)
 	inPod(&cfg.Federation.Endpoint.KeyFile)
 	inPod(&cfg.BootstrapTokens)
+	inPod(&cfg.Authority.Vault.CAFile)
 	t.Setenv("POD_NAME", "meshca-0")
 	cc, err := cfg.complete()
 	require.NoError(t, err)
@@ -295,6 +297,75 @@ func TestChartConfig(t *testing.T) {
 		require.ErrorContains(t, err, `unknown field "maxInFlights"`)
 	})
 
+	t.Run("vault", func(t *testing.T) {
+		vaultCA := string(pemutil.EncodeCertificates(testca.New(t, spiffeid.RequireTrustDomainFromString("vault.example")).Cert))
+		vaultNS := map[string]any{"namespaceSelector": map[string]any{"matchLabels": map[string]any{"kubernetes.io/metadata.name": "vault"}}}
+		values := map[string]any{
+			"authority": map[string]any{"mode": "vault", "intermediateTTL": "720h", "vault": map[string]any{
+				"address": "https://vault.vault.svc:8200", "mount": "pki/east", "issuer": "root-2026",
+				"role": "meshca", "ca": vaultCA,
+			}},
+			"networkPolicy": map[string]any{"vaultTo": []any{vaultNS}},
+		}
+		_, err := helm(t, "lint", values)
+		require.NoError(t, err)
+		r := renderChart(t, values)
+		cc := r.loadConfig(t)
+		require.Equal(t, "vault", cc.Authority.Mode)
+		require.Equal(t, 720*time.Hour, time.Duration(cc.Authority.IntermediateTTL))
+		require.NotNil(t, cc.vault)
+		require.Equal(t, "https://vault.vault.svc:8200", cc.vault.Address)
+		require.Equal(t, "pki/east", cc.vault.Mount)
+		require.Equal(t, "root-2026", cc.vault.Issuer)
+		require.Equal(t, vaultca.Auth{Kubernetes: &vaultca.KubernetesAuth{Role: "meshca", Mount: "kubernetes", TokenFile: "/var/run/secrets/vault/token"}}, cc.vault.Auth)
+		// That file is a token of the pod's service account for Vault's
+		// audience alone, projected where the config says.
+		requireVaultToken(t, r, "vault", "/var/run/secrets/vault")
+		ca, err := os.ReadFile(cc.vault.CAFile)
+		require.NoError(t, err)
+		require.Equal(t, vaultCA, string(ca), "Vault's CA reaches the server intact")
+		require.NotEmpty(t, r.deployment.Spec.Template.Annotations["checksum/config-files"], "a new Vault CA rolls the pods")
+
+		egress := r.networkPolicies[chartRelease].Spec.Egress
+		require.Len(t, egress, 3)
+		require.Equal(t, "8200", egress[2].Ports[0].Port.String())
+		require.Len(t, egress[2].To, 1)
+		require.Equal(t, "vault", egress[2].To[0].NamespaceSelector.MatchLabels["kubernetes.io/metadata.name"])
+
+		// Without a port, https's; without a CA, the system's roots;
+		// without a token audience, the pod's own token.
+		r = renderChart(t, map[string]any{"authority": map[string]any{"mode": "vault", "vault": map[string]any{
+			"address": "https://vault.example.com", "role": "meshca", "tokenAudience": "",
+		}}})
+		cc = r.loadConfig(t)
+		require.Empty(t, cc.vault.CAFile)
+		require.Equal(t, vaultca.Auth{Kubernetes: &vaultca.KubernetesAuth{Role: "meshca", Mount: "kubernetes"}}, cc.vault.Auth)
+		requireVaultToken(t, r, "", "")
+		require.Equal(t, []string{"config.yaml"}, sortedKeys(r.configMaps[chartRelease+"-config"].Data))
+		egress = r.networkPolicies[chartRelease].Spec.Egress
+		require.Equal(t, "443", egress[2].Ports[0].Port.String())
+		require.Empty(t, egress[2].To, "no vaultTo: any address")
+
+		for _, tc := range []struct {
+			vault map[string]any
+			mode  string
+			want  string
+		}{
+			{mode: "vault", vault: map[string]any{"address": "https://vault.example.com"},
+				want: "authority.vault.role is required in mode vault: the Vault role of the Kubernetes auth method the server logs in as"},
+			{mode: "vault", vault: map[string]any{"address": "vault.example.com:8200", "role": "meshca"},
+				want: `authority.vault.address "vault.example.com:8200": want Vault's URL, such as https://vault.vault.svc:8200`},
+			{mode: "files", want: `authority.mode "files": want selfsigned or vault`},
+		} {
+			v := map[string]any{"mode": tc.mode}
+			if tc.vault != nil {
+				v["vault"] = tc.vault
+			}
+			_, err := helm(t, "template", map[string]any{"authority": v})
+			require.ErrorContains(t, err, tc.want)
+		}
+	})
+
 	t.Run("endpoint alone", func(t *testing.T) {
 		r := renderChart(t, map[string]any{"federation": map[string]any{"endpoint": map[string]any{"enabled": true}}})
 		cc := r.loadConfig(t)
@@ -315,7 +386,7 @@ func TestChartConfig(t *testing.T) {
 		require.Empty(t, cc.fed.peers[0].WebRoots)
 		require.Zero(t, containerPort(r.server(t), "https-fed"))
 		require.Equal(t, []string{"config.yaml"}, sortedKeys(r.configMaps[chartRelease+"-config"].Data))
-		require.NotContains(t, r.deployment.Spec.Template.Annotations, "checksum/federation-peers")
+		require.NotContains(t, r.deployment.Spec.Template.Annotations, "checksum/config-files")
 		egress := r.networkPolicies[chartRelease].Spec.Egress
 		require.Len(t, egress, 3)
 		require.Equal(t, "9443", egress[2].Ports[0].Port.String())
@@ -436,8 +507,8 @@ func TestChartPeerFilesRollPods(t *testing.T) {
 	two := renderChart(t, values(pemutil.EncodeCertificates(testca.New(t, b).Cert)))
 	a1, a2 := one.deployment.Spec.Template.Annotations, two.deployment.Spec.Template.Annotations
 	require.Equal(t, a1["checksum/config"], a2["checksum/config"])
-	require.NotEmpty(t, a1["checksum/federation-peers"])
-	require.NotEqual(t, a1["checksum/federation-peers"], a2["checksum/federation-peers"])
+	require.NotEmpty(t, a1["checksum/config-files"])
+	require.NotEqual(t, a1["checksum/config-files"], a2["checksum/config-files"])
 }
 
 // TestChartRefusesFederationValues: values the server would refuse, or
@@ -544,4 +615,37 @@ func sortedKeys(m map[string]string) []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// requireVaultToken checks the projected service-account token for Vault:
+// for audience, mounted read-only at dir; none when audience is empty.
+func requireVaultToken(t *testing.T, r *renderedChart, audience, dir string) {
+	t.Helper()
+	var volume *corev1.Volume
+	for i, v := range r.deployment.Spec.Template.Spec.Volumes {
+		if v.Name == "vault-token" {
+			volume = &r.deployment.Spec.Template.Spec.Volumes[i]
+		}
+	}
+	var mount *corev1.VolumeMount
+	for i, m := range r.server(t).VolumeMounts {
+		if m.Name == "vault-token" {
+			mount = &r.server(t).VolumeMounts[i]
+		}
+	}
+	if audience == "" {
+		require.Nil(t, volume)
+		require.Nil(t, mount)
+		return
+	}
+	require.NotNil(t, volume)
+	require.NotNil(t, volume.Projected)
+	require.Len(t, volume.Projected.Sources, 1)
+	sat := volume.Projected.Sources[0].ServiceAccountToken
+	require.NotNil(t, sat)
+	require.Equal(t, audience, sat.Audience)
+	require.Equal(t, "token", sat.Path)
+	require.NotNil(t, mount)
+	require.Equal(t, dir, mount.MountPath)
+	require.True(t, mount.ReadOnly)
 }

@@ -91,10 +91,41 @@ healthAddress: {{ printf "0.0.0.0:%d" (int .Values.healthPort) | quote }}
 dataDir: {{ include "meshca.runDir" . }}
 adminSocket: {{ include "meshca.runDir" . }}/admin.sock
 logLevel: {{ .Values.logLevel }}
+{{- $auth := .Values.authority }}
 authority:
+  {{- if eq (toString $auth.mode) "vault" }}
+  {{- include "meshca.vault.check" . }}
+  mode: vault
+  intermediateTTL: {{ $auth.intermediateTTL | quote }}
+  vault:
+    address: {{ $auth.vault.address | quote }}
+    mount: {{ default "pki" $auth.vault.mount | quote }}
+    {{- with $auth.vault.issuer }}
+    issuer: {{ . | quote }}
+    {{- end }}
+    {{- with $auth.vault.namespace }}
+    namespace: {{ . | quote }}
+    {{- end }}
+    {{- if $auth.vault.ca }}
+    caFile: {{ include "meshca.configDir" . }}/{{ include "meshca.vaultCAKey" . }}
+    {{- end }}
+    {{- with $auth.vault.tlsServerName }}
+    tlsServerName: {{ . | quote }}
+    {{- end }}
+    auth:
+      kubernetes:
+        role: {{ $auth.vault.role | quote }}
+        mount: {{ default "kubernetes" $auth.vault.authMount | quote }}
+        {{- with include "meshca.vaultTokenDir" . }}
+        tokenFile: {{ . }}/token
+        {{- end }}
+  {{- else if eq (toString $auth.mode) "selfsigned" }}
   mode: selfsigned
-  rootTTL: {{ .Values.authority.rootTTL | quote }}
-  intermediateTTL: {{ .Values.authority.intermediateTTL | quote }}
+  rootTTL: {{ $auth.rootTTL | quote }}
+  intermediateTTL: {{ $auth.intermediateTTL | quote }}
+  {{- else }}
+  {{- fail (printf "authority.mode %q: want selfsigned or vault" (toString $auth.mode)) }}
+  {{- end }}
 leaf:
   defaultTTL: {{ .Values.leaf.defaultTTL | quote }}
   maxTTL: {{ .Values.leaf.maxTTL | quote }}
@@ -187,13 +218,59 @@ key).
 {{- printf "peer.%s.web-ca.pem" . }}
 {{- end }}
 
+{{- define "meshca.vaultCAKey" -}}
+vault-ca.pem
+{{- end }}
+
 {{/*
-The federation peers' files, as the data of a ConfigMap (YAML; empty when
-there are none): each https_spiffe peer's bootstrap bundle and each
-https_web peer's CA.
+Where the projected service-account token for Vault is mounted; empty
+when there is none (not mode vault, or no tokenAudience: the pod's own
+token).
 */}}
-{{- define "meshca.peerFiles" -}}
+{{- define "meshca.vaultTokenDir" -}}
+{{- if and (eq (toString .Values.authority.mode) "vault") .Values.authority.vault.tokenAudience -}}
+/var/run/secrets/vault
+{{- end }}
+{{- end }}
+
+{{/*
+Checks the Vault values that the chart needs to render them; meshca-server
+checks them again, in full, at start.
+*/}}
+{{- define "meshca.vault.check" -}}
+{{- $v := .Values.authority.vault }}
+{{- $url := urlParse (toString (default "" $v.address)) }}
+{{- if or (not (has $url.scheme (list "https" "http"))) (not $url.host) }}
+{{- fail (printf "authority.vault.address %q: want Vault's URL, such as https://vault.vault.svc:8200" (toString (default "" $v.address))) }}
+{{- end }}
+{{- if not $v.role }}
+{{- fail "authority.vault.role is required in mode vault: the Vault role of the Kubernetes auth method the server logs in as" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The port of authority.vault.address (443, or 80 for http, when it names
+none), for the NetworkPolicy's egress.
+*/}}
+{{- define "meshca.vaultPort" -}}
+{{- $url := urlParse .Values.authority.vault.address }}
+{{- $port := ternary "80" "443" (eq $url.scheme "http") }}
+{{- with regexFind ":[0-9]+$" $url.host }}
+{{- $port = trimPrefix ":" . }}
+{{- end }}
+{{- $port }}
+{{- end }}
+
+{{/*
+The files the config ConfigMap holds beside config.yaml, as the data of a
+ConfigMap (YAML; empty when there are none): each https_spiffe federation
+peer's bootstrap bundle, each https_web peer's CA, and Vault's CA.
+*/}}
+{{- define "meshca.configFiles" -}}
 {{- $files := dict }}
+{{- if and (eq (toString .Values.authority.mode) "vault") .Values.authority.vault.ca }}
+{{- $_ := set $files (include "meshca.vaultCAKey" .) .Values.authority.vault.ca }}
+{{- end }}
 {{- range .Values.federation.peers }}
 {{- if eq .profile "https_spiffe" }}
 {{- $_ := set $files (include "meshca.peerBundleKey" .trustDomain) .bundle }}
