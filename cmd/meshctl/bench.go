@@ -143,9 +143,9 @@ would, until every workload is done; bench then reads the server's
 resident memory again and reports the increase over the N held clients as
 "memory per connected client": an upper bound, since the increase also
 holds what issuing N certificates left on the heap. Every held connection
-is a file
-descriptor: bench raises its soft RLIMIT_NOFILE to the hard limit and
-refuses an -n it cannot hold. From one source address a host can hold
+is a file descriptor: bench may open as many as its soft RLIMIT_NOFILE,
+which Go raises to the hard limit at startup, and refuses an -n it cannot
+hold. From one source address a host can hold
 about as many connections to one server address as it has ephemeral ports
 (net.ipv4.ip_local_port_range).
 

@@ -633,7 +633,7 @@ func (o *benchOptions) runStorm(ctx context.Context, stop context.CancelFunc, cm
 		benchCommon:     benchCommon{MetricsURL: o.metricsURL},
 	}
 
-	limit, limitErr := raiseFileLimit()
+	limit, limitErr := fileLimit()
 	r.FileLimit = limit
 	need, what := r.InFlight+o.renewals+fdMargin, "--concurrency"
 	if o.hold {
