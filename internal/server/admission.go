@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"k8s.io/utils/clock"
 
 	"github.com/meshca/meshca/identity"
 )
@@ -120,6 +121,10 @@ type admission struct {
 	slots    int
 	maxQueue int
 	maxWait  [numClasses]time.Duration
+	// clock times the waits and the slots' hold times. A request's
+	// deadline is wall time: with a clock other than the real one, the
+	// wait it allows is measured from the clock's now.
+	clock clock.Clock
 
 	mu       sync.Mutex
 	inFlight int
@@ -144,7 +149,7 @@ type waiter struct {
 // initialHold is the slot hold time assumed before any is measured.
 const initialHold = 500 * time.Microsecond
 
-func newAdmission(a Admission, reg prometheus.Registerer) (*admission, error) {
+func newAdmission(a Admission, reg prometheus.Registerer, clk clock.Clock) (*admission, error) {
 	switch {
 	case a.MaxQueue < 0:
 		return nil, fmt.Errorf("server: Admission.MaxQueue %d must not be negative", a.MaxQueue)
@@ -197,6 +202,7 @@ func newAdmission(a Admission, reg prometheus.Registerer) (*admission, error) {
 		slots:         a.MaxInFlight,
 		maxQueue:      a.MaxQueue,
 		maxWait:       [numClasses]time.Duration{classFirst: a.MaxWaitFirst, classRenewal: a.MaxWaitRenewal},
+		clock:         clk,
 		inFlightGauge: inFlight,
 	}
 	for c := range numClasses {
@@ -240,13 +246,13 @@ func (a *admission) acquire(ctx context.Context, c requestClass) (time.Time, err
 		a.inFlight++
 		a.mu.Unlock()
 		a.inFlightGauge.Inc()
-		return time.Now(), nil
+		return a.clock.Now(), nil
 	}
 	total := a.queued()
 	expected := a.drainTime(ahead + 1)
 	limit := a.maxWait[c]
 	if deadline, ok := ctx.Deadline(); ok {
-		limit = min(limit, time.Until(deadline))
+		limit = min(limit, deadline.Sub(a.clock.Now()))
 	}
 	if total >= a.maxQueue || expected > limit {
 		a.mu.Unlock()
@@ -256,20 +262,20 @@ func (a *admission) acquire(ctx context.Context, c requestClass) (time.Time, err
 	elem := a.queues[c].PushBack(w)
 	a.depth[c].Inc()
 	a.mu.Unlock()
-	queued := time.Now()
+	queued := a.clock.Now()
 
 	// Never wait longer than the request was admitted to, whatever the
 	// estimate said.
-	timer := time.NewTimer(limit)
+	timer := a.clock.NewTimer(limit)
 	defer timer.Stop()
 	var err error
 	select {
 	case <-w.ready:
-		a.wait[c].Observe(time.Since(queued).Seconds())
-		return time.Now(), nil
+		a.wait[c].Observe(a.clock.Since(queued).Seconds())
+		return a.clock.Now(), nil
 	case <-ctx.Done():
 		err = ctx.Err()
-	case <-timer.C:
+	case <-timer.C():
 	}
 	a.mu.Lock()
 	granted := w.granted
@@ -282,8 +288,8 @@ func (a *admission) acquire(ctx context.Context, c requestClass) (time.Time, err
 	switch {
 	case granted && err == nil:
 		// The slot came as the wait ran out: take it.
-		a.wait[c].Observe(time.Since(queued).Seconds())
-		return time.Now(), nil
+		a.wait[c].Observe(a.clock.Since(queued).Seconds())
+		return a.clock.Now(), nil
 	case granted:
 		// The slot came as the caller left: pass it on, unused, so
 		// that it does not count in the hold time.
@@ -332,7 +338,7 @@ func (a *admission) release(start time.Time) {
 	}
 	// An exponentially weighted moving average, 1/16 per request. Two
 	// releases at once may lose one sample: it is an estimate.
-	held := int64(time.Since(start))
+	held := int64(a.clock.Since(start))
 	old := a.hold.Load()
 	a.hold.Store(old + (held-old)/16)
 	a.handOff()

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
+	"k8s.io/utils/clock"
 
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
 )
@@ -121,7 +122,7 @@ type limiter struct {
 	refused   *prometheus.CounterVec
 }
 
-func newLimiter(opts Limits, reg prometheus.Registerer) (*limiter, error) {
+func newLimiter(opts Limits, reg prometheus.Registerer, clk clock.PassiveClock) (*limiter, error) {
 	opts, err := opts.complete()
 	if err != nil {
 		return nil, err
@@ -154,7 +155,7 @@ func newLimiter(opts Limits, reg prometheus.Registerer) (*limiter, error) {
 		if k.r.PerSecond == 0 {
 			continue
 		}
-		kl := newKeyedLimiter(k.r, opts.MaxTrackedKeys, time.Now)
+		kl := newKeyedLimiter(k.r, opts.MaxTrackedKeys, clk.Now)
 		kl.evicted = evicted.WithLabelValues(k.name)
 		*k.dst = kl
 		cols = append(cols, prometheus.NewGaugeFunc(prometheus.GaugeOpts{

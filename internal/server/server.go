@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	securityv1alpha1 "istio.io/api/security/v1alpha1"
+	"k8s.io/utils/clock"
 
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/identity"
@@ -111,6 +112,10 @@ type Options struct {
 	// renewals, and sheds what would wait too long. The zero value is on,
 	// with its defaults.
 	Admission Admission
+
+	// Clock times admission's waits and hold times, and the rate limits'
+	// buckets. Default the real clock.
+	Clock clock.Clock
 }
 
 // Observer learns which bundle sequence each workload holds.
@@ -179,11 +184,14 @@ func New(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("server: registering metrics: %w", err)
 	}
-	limits, err := newLimiter(opts.Limits, opts.Registerer)
+	if opts.Clock == nil {
+		opts.Clock = clock.RealClock{}
+	}
+	limits, err := newLimiter(opts.Limits, opts.Registerer, opts.Clock)
 	if err != nil {
 		return nil, err
 	}
-	admit, err := newAdmission(opts.Admission, opts.Registerer)
+	admit, err := newAdmission(opts.Admission, opts.Registerer, opts.Clock)
 	if err != nil {
 		return nil, err
 	}
