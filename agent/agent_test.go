@@ -352,6 +352,15 @@ func TestSockets(t *testing.T) {
 			require.ErrorIs(t, err, fs.ErrNotExist, path)
 		}
 	})
+	t.Run("owner only by default", func(t *testing.T) {
+		cfg := agentConfig(t, m, webID)
+		require.Zero(t, cfg.SocketMode)
+		startAgent(t, cfg)
+		info, err := os.Lstat(cfg.SocketPath)
+		require.NoError(t, err)
+		require.Equal(t, fs.ModeSocket|agent.DefaultSocketMode, info.Mode())
+		require.Equal(t, fs.FileMode(0o600), agent.DefaultSocketMode, "whoever can connect gets the workload's key")
+	})
 	t.Run("a stale socket is replaced", func(t *testing.T) {
 		cfg := agentConfig(t, m, webID)
 		stale, err := net.Listen("unix", cfg.SocketPath)

@@ -32,6 +32,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -489,6 +490,28 @@ func mustASN1(t *testing.T, v any) []byte {
 	b, err := asn1.Marshal(v)
 	require.NoError(t, err)
 	return b
+}
+
+// TestPlainTextCallIsRefused: a client that speaks plain-text HTTP/2 to
+// the TLS port reaches no service: its call fails as the TLS handshake
+// does (Unavailable), nothing is issued, and the next client, over TLS,
+// is served.
+func TestPlainTextCallIsRefused(t *testing.T) {
+	h := startServer(t, harnessOptions{})
+	conn, err := grpc.NewClient(h.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(t, err)
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(withToken(demoToken), 10*time.Second)
+	defer cancel()
+	_, err = meshcav1.NewCertificateServiceClient(conn).Sign(ctx, signCSR(t, demoID))
+	require.Equal(t, codes.Unavailable, status.Code(err), "%v", err)
+	_, err = healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
+	require.Equal(t, codes.Unavailable, status.Code(err), "%v", err)
+	issued := map[string]string{"api": server.APINative}
+	require.Zero(t, metricValue(t, h.reg, "meshca_certificates_issued_total", issued))
+
+	h.sign(withToken(demoToken), h.conn(nil), demoID, 0)
+	require.Equal(t, 1.0, metricValue(t, h.reg, "meshca_certificates_issued_total", issued))
 }
 
 func TestWatchBundleStreamsChanges(t *testing.T) {
