@@ -96,10 +96,12 @@ var ErrNotApplicable = errors.New("identity: credential not of this authenticato
 // Chain returns an Authenticator that tries each of authns in order.
 //
 // The first success wins. An authenticator that does not apply, does not
-// know the token, or cannot check it now (unavailable, overloaded) passes
-// to the next; any other refusal is final. When none accepts, the caller
-// gets the first "cannot check now" refusal (retrying may work), else the
-// last "unknown" one, else one saying no credential was presented.
+// know the token, knows it as expired, or cannot check it now
+// (unavailable, overloaded) passes to the next, since another credential
+// of the same call (a valid SVID) may still do; any other refusal is
+// final. When none accepts, the caller gets the first "cannot check now"
+// refusal (retrying may work), else the first "expired" one, else the last
+// "unknown" one, else one saying no credential was presented.
 func Chain(authns ...Authenticator) Authenticator {
 	return chain(authns)
 }
@@ -107,7 +109,7 @@ func Chain(authns ...Authenticator) Authenticator {
 type chain []Authenticator
 
 func (c chain) Authenticate(ctx context.Context, cred Credential) (Caller, error) {
-	var unknown, unavailable error
+	var unknown, expired, unavailable error
 	for _, a := range c {
 		caller, err := a.Authenticate(ctx, cred)
 		if err == nil {
@@ -119,6 +121,11 @@ func (c chain) Authenticate(ctx context.Context, cred Credential) (Caller, error
 			continue
 		case errors.As(err, &ae) && ae.Reason == ReasonUnknownToken:
 			unknown = err
+			continue
+		case errors.As(err, &ae) && ae.Reason == ReasonExpiredToken:
+			if expired == nil {
+				expired = err
+			}
 			continue
 		case errors.As(err, &ae) && (ae.Reason == ReasonUnavailable || ae.Reason == ReasonOverloaded):
 			// The token could not be checked now; another credential of
@@ -132,6 +139,9 @@ func (c chain) Authenticate(ctx context.Context, cred Credential) (Caller, error
 	}
 	if unavailable != nil {
 		return Caller{}, unavailable
+	}
+	if expired != nil {
+		return Caller{}, expired
 	}
 	if unknown != nil {
 		return Caller{}, unknown

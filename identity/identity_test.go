@@ -14,6 +14,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/require"
+	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/meshca/meshca/identity"
 	"github.com/meshca/meshca/internal/securefile"
@@ -67,6 +68,46 @@ func TestStaticTokens(t *testing.T) {
 	require.ErrorIs(t, err, identity.ErrNotApplicable)
 }
 
+// TestStaticTokenExpiry: a token is accepted until its expires time and
+// refused from then on, with a reason of its own that names the identity
+// and the time, never the token; a token without expires never expires.
+func TestStaticTokenExpiry(t *testing.T) {
+	otherID := spiffeid.RequireFromPath(td, "/ns/default/sa/other")
+	clk := clocktesting.NewFakePassiveClock(time.Date(2026, 11, 22, 11, 59, 59, 0, time.UTC))
+	st, err := identity.NewStaticTokens(identity.TokenFile{Tokens: []identity.TokenFileEntry{
+		{ID: demoID.String(), SHA256: sha(demoToken), Expires: "2026-11-22T12:00:00Z"},
+		{ID: otherID.String(), Token: "another-token-of-enough-length"},
+	}}, td, identity.WithTokensClock(clk))
+	require.NoError(t, err)
+
+	caller, err := st.Authenticate(context.Background(), identity.Credential{Token: demoToken})
+	require.NoError(t, err, "a second before it expires")
+	require.Equal(t, demoID, caller.ID)
+
+	clk.SetTime(time.Date(2026, 11, 22, 12, 0, 0, 0, time.UTC))
+	_, err = st.Authenticate(context.Background(), identity.Credential{Token: demoToken})
+	requireAuthReason(t, err, identity.ReasonExpiredToken)
+	require.EqualError(t, err, "identity: bootstrap token for "+demoID.String()+" expired at 2026-11-22T12:00:00Z; "+
+		"renew over mTLS with the current certificate, or ask the operator for a new token")
+	require.NotContains(t, err.Error(), demoToken)
+
+	clk.SetTime(time.Date(2099, 1, 1, 0, 0, 0, 0, time.UTC))
+	_, err = st.Authenticate(context.Background(), identity.Credential{Token: "another-token-of-enough-length"})
+	require.NoError(t, err, "no expires: never expires")
+
+	// An expired token is final for the token, not for the call: the
+	// call's SVID still authenticates it.
+	root := testca.New(t, td)
+	svid := root.ChildCA().CreateX509SVID(otherID)
+	authn := identity.Chain(st, identity.NewSVIDAuthenticator(td, root.Bundle(), nil))
+	caller, err = authn.Authenticate(context.Background(), identity.Credential{Token: demoToken, PeerCertificates: svid.Certificates})
+	require.NoError(t, err)
+	require.Equal(t, otherID, caller.ID)
+	require.Equal(t, identity.MethodMTLS, caller.Method)
+	_, err = authn.Authenticate(context.Background(), identity.Credential{Token: demoToken})
+	requireAuthReason(t, err, identity.ReasonExpiredToken)
+}
+
 func TestNewStaticTokensRefusesBadEntries(t *testing.T) {
 	for _, tt := range []struct {
 		name  string
@@ -79,6 +120,8 @@ func TestNewStaticTokensRefusesBadEntries(t *testing.T) {
 		{"short token", identity.TokenFileEntry{ID: demoID.String(), Token: "short"}, "identity: token entry 0: token is shorter than 16 characters"},
 		{"bad hash", identity.TokenFileEntry{ID: demoID.String(), SHA256: "abcd"}, "identity: token entry 0: sha256 is not 64 hex digits"},
 		{"neither", identity.TokenFileEntry{ID: demoID.String()}, "identity: token entry 0: has neither sha256 nor token"},
+		{"bad expires", identity.TokenFileEntry{ID: demoID.String(), SHA256: sha(demoToken), Expires: "2026-12-31"},
+			`identity: token entry 0: expires "2026-12-31" is not an RFC 3339 time such as 2026-12-31T00:00:00Z`},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			_, err := identity.NewStaticTokens(identity.TokenFile{Tokens: []identity.TokenFileEntry{tt.entry}}, td)
@@ -95,7 +138,7 @@ func TestLoadStaticTokens(t *testing.T) {
 		require.NoError(t, securefile.WriteFile(path, []byte(content), mode))
 		return path
 	}
-	good := write("good.yaml", "tokens:\n- id: "+demoID.String()+"\n  token: "+demoToken+"\n", 0o600)
+	good := write("good.yaml", "tokens:\n- id: "+demoID.String()+"\n  token: "+demoToken+"\n  expires: \"2099-01-01T00:00:00Z\"\n", 0o600)
 	st, err := identity.LoadStaticTokens(good, td)
 	require.NoError(t, err)
 	caller, err := st.Authenticate(context.Background(), identity.Credential{Token: demoToken})

@@ -6,8 +6,10 @@ import (
 	"crypto/subtle"
 	"encoding/hex"
 	"fmt"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"k8s.io/utils/clock"
 	"sigs.k8s.io/yaml"
 
 	"github.com/meshca/meshca/internal/securefile"
@@ -22,11 +24,14 @@ const MinTokenLength = 16
 // a presented token is compared with every entry in constant time.
 type StaticTokens struct {
 	entries []tokenEntry
+	clock   clock.PassiveClock
 }
 
 type tokenEntry struct {
 	hash [sha256.Size]byte
 	id   spiffeid.ID
+	// expires is when the token stops being accepted; zero is never.
+	expires time.Time
 }
 
 var _ Authenticator = (*StaticTokens)(nil)
@@ -40,7 +45,10 @@ var _ Authenticator = (*StaticTokens)(nil)
 //	  token: a-token-of-at-least-16-characters
 //
 // An entry gives the token's SHA-256 (hex), or the token itself, which is
-// hashed on load. Prefer sha256: the file then holds no secret.
+// hashed on load. Prefer sha256: the file then holds no secret. An entry
+// may also give expires, an RFC 3339 time from which the token is refused
+// (Unauthenticated, reason expired_token): a bootstrap token is meant to
+// get a workload its first certificate, which it then renews over mTLS.
 type TokenFile struct {
 	Tokens []TokenFileEntry `json:"tokens"`
 }
@@ -50,6 +58,21 @@ type TokenFileEntry struct {
 	ID     string `json:"id"`
 	SHA256 string `json:"sha256,omitempty"`
 	Token  string `json:"token,omitempty"`
+	// Expires is an RFC 3339 time, such as 2026-12-31T00:00:00Z; empty
+	// means the token never expires.
+	Expires string `json:"expires,omitempty"`
+}
+
+// ReasonExpiredToken refuses a bootstrap token past its expires time.
+const ReasonExpiredToken AuthReason = "expired_token"
+
+// TokensOption configures NewStaticTokens.
+type TokensOption func(*StaticTokens)
+
+// WithTokensClock sets the clock that expiry times are checked against.
+// The default is the real one.
+func WithTokensClock(c clock.PassiveClock) TokensOption {
+	return func(s *StaticTokens) { s.clock = c }
 }
 
 // LoadStaticTokens reads a token file (mode 0600 or stricter) whose IDs
@@ -81,8 +104,11 @@ func ReadTokenFile(path string) (TokenFile, error) {
 }
 
 // NewStaticTokens returns an authenticator for the tokens of f.
-func NewStaticTokens(f TokenFile, td spiffeid.TrustDomain) (*StaticTokens, error) {
-	st := &StaticTokens{}
+func NewStaticTokens(f TokenFile, td spiffeid.TrustDomain, opts ...TokensOption) (*StaticTokens, error) {
+	st := &StaticTokens{clock: clock.RealClock{}}
+	for _, o := range opts {
+		o(st)
+	}
 	for i, e := range f.Tokens {
 		id, err := spiffeid.FromString(e.ID)
 		if err != nil {
@@ -92,6 +118,11 @@ func NewStaticTokens(f TokenFile, td spiffeid.TrustDomain) (*StaticTokens, error
 			return nil, fmt.Errorf("identity: token entry %d: id %q is not in trust domain %q", i, id, td)
 		}
 		entry := tokenEntry{id: id}
+		if e.Expires != "" {
+			if entry.expires, err = time.Parse(time.RFC3339, e.Expires); err != nil {
+				return nil, fmt.Errorf("identity: token entry %d: expires %q is not an RFC 3339 time such as 2026-12-31T00:00:00Z", i, e.Expires)
+			}
+		}
 		switch {
 		case e.SHA256 != "" && e.Token != "":
 			return nil, fmt.Errorf("identity: token entry %d: give sha256 or token, not both", i)
@@ -113,7 +144,7 @@ func NewStaticTokens(f TokenFile, td spiffeid.TrustDomain) (*StaticTokens, error
 	return st, nil
 }
 
-// Authenticate accepts a token of the list.
+// Authenticate accepts a token of the list that has not expired.
 func (s *StaticTokens) Authenticate(_ context.Context, cred Credential) (Caller, error) {
 	if cred.Token == "" {
 		return Caller{}, ErrNotApplicable
@@ -129,6 +160,10 @@ func (s *StaticTokens) Authenticate(_ context.Context, cred Credential) (Caller,
 	}
 	if match < 0 {
 		return Caller{}, authErrorf(ReasonUnknownToken, nil, "bearer token is not known")
+	}
+	if exp := s.entries[match].expires; !exp.IsZero() && !s.clock.Now().Before(exp) {
+		return Caller{}, authErrorf(ReasonExpiredToken, nil, "bootstrap token for %s expired at %s; renew over mTLS with the current certificate, or ask the operator for a new token",
+			s.entries[match].id, exp.UTC().Format(time.RFC3339))
 	}
 	return Caller{
 		ID:      s.entries[match].id,

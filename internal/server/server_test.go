@@ -492,6 +492,26 @@ func mustASN1(t *testing.T, v any) []byte {
 	return b
 }
 
+// TestExpiredBootstrapToken: a bootstrap token past its expiry is refused
+// with Unauthenticated and reason expired_token, in the status, the
+// metric and the audit line, and is echoed in none of them.
+func TestExpiredBootstrapToken(t *testing.T) {
+	const expiredToken = "expired-token-0123456789"
+	expired, err := identity.NewStaticTokens(identity.TokenFile{Tokens: []identity.TokenFileEntry{
+		{ID: demoID.String(), Token: expiredToken, Expires: "2020-01-01T00:00:00Z"},
+	}}, td)
+	require.NoError(t, err)
+	h := startServer(t, harnessOptions{authns: []identity.Authenticator{expired}})
+	_, err = meshcav1.NewCertificateServiceClient(h.conn(nil)).Sign(withToken(expiredToken), signCSR(t, demoID))
+	require.Equal(t, codes.Unauthenticated, status.Code(err), "%v", err)
+	require.Contains(t, status.Convert(err).Message(), "bootstrap token for "+demoID.String()+" expired at 2020-01-01T00:00:00Z")
+	require.NotContains(t, err.Error(), expiredToken)
+	require.Equal(t, 1.0, metricValue(t, h.reg, "meshca_requests_denied_total",
+		map[string]string{"api": server.APINative, "code": "Unauthenticated", "reason": string(identity.ReasonExpiredToken)}))
+	require.Contains(t, h.logs.String(), `"reason":"expired_token"`)
+	require.NotContains(t, h.logs.String(), expiredToken)
+}
+
 // TestPlainTextCallIsRefused: a client that speaks plain-text HTTP/2 to
 // the TLS port reaches no service: its call fails as the TLS handshake
 // does (Unavailable), nothing is issued, and the next client, over TLS,
