@@ -9,8 +9,10 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
+	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/meshca/meshca/identity"
 )
@@ -96,11 +98,16 @@ func FuzzTokenFile(f *testing.F) {
 		"tokens:\n- id: spiffe://example.org/x\n  tokn: zq-secret-token-0123456789\n",
 		"tokens: [{id: 'spiffe://example.org/x', token: 1234567890123456789}]",
 		"tokens:\n- id: not an id zq-secret-token-0123456789\n",
+		"tokens:\n- id: spiffe://example.org/x\n  token: zq-secret-token-0123456789\n  expires: \"2020-01-01T00:00:00Z\"\n",
+		"tokens:\n- id: spiffe://example.org/x\n  token: zq-secret-token-0123456789\n  expires: \"2099-01-01T00:00:00+02:00\"\n",
+		"tokens:\n- id: spiffe://example.org/x\n  token: zq-secret-token-0123456789\n  expires: tomorrow\n",
 		"{}", "tokens: null", "- a\n- b", "\t",
 	} {
 		f.Add([]byte(seed))
 	}
 	path := filepath.Join(f.TempDir(), "tokens.yaml")
+	now := time.Date(2026, 11, 22, 12, 0, 0, 0, time.UTC)
+	clk := clocktesting.NewFakePassiveClock(now)
 	f.Fuzz(func(t *testing.T, doc []byte) {
 		require.NoError(t, os.WriteFile(path, doc, 0o600))
 		file, err := identity.ReadTokenFile(path)
@@ -108,12 +115,16 @@ func FuzzTokenFile(f *testing.F) {
 			require.EqualError(t, err, "identity: token file "+path+" is not valid YAML of the documented shape")
 			return
 		}
-		st, err := identity.NewStaticTokens(file, td)
+		st, err := identity.NewStaticTokens(file, td, identity.WithTokensClock(clk))
 		if err != nil {
-			// "zq" is in none of our messages, nor in an ID they may
-			// quote: a message holding a token with "zq" echoed it.
+			// "zq" is in none of our messages, nor in an ID or expiry
+			// time they may quote: a message holding a token with "zq"
+			// echoed it.
+			quoted := func(o identity.TokenFileEntry, token string) bool {
+				return strings.Contains(o.ID, token) || strings.Contains(o.Expires, token)
+			}
 			for _, e := range file.Tokens {
-				if strings.Contains(e.Token, "zq") && !slices.ContainsFunc(file.Tokens, func(o identity.TokenFileEntry) bool { return strings.Contains(o.ID, e.Token) }) {
+				if strings.Contains(e.Token, "zq") && !slices.ContainsFunc(file.Tokens, func(o identity.TokenFileEntry) bool { return quoted(o, e.Token) }) {
 					require.NotContains(t, err.Error(), e.Token, "the error echoes a token")
 				}
 			}
@@ -123,18 +134,28 @@ func FuzzTokenFile(f *testing.F) {
 			if e.Token == "" {
 				continue
 			}
-			caller, err := st.Authenticate(context.Background(), identity.Credential{Token: e.Token})
-			require.NoError(t, err)
-			require.Equal(t, identity.MethodBootstrapToken, caller.Method)
-			require.NotContains(t, caller.Subject, e.Token)
-			var want string
+			// The token is the last entry that lists it.
+			var want identity.TokenFileEntry
 			h := sha256.Sum256([]byte(e.Token))
 			for _, other := range file.Tokens {
 				if other.Token == e.Token || strings.EqualFold(other.SHA256, hex.EncodeToString(h[:])) {
-					want = other.ID
+					want = other
 				}
 			}
-			require.Equal(t, want, caller.ID.String())
+			caller, err := st.Authenticate(context.Background(), identity.Credential{Token: e.Token})
+			if want.Expires != "" {
+				if exp, perr := time.Parse(time.RFC3339, want.Expires); perr == nil && !now.Before(exp) {
+					var ae *identity.AuthError
+					require.ErrorAs(t, err, &ae)
+					require.Equal(t, identity.ReasonExpiredToken, ae.Reason)
+					require.NotContains(t, err.Error(), e.Token)
+					continue
+				}
+			}
+			require.NoError(t, err)
+			require.Equal(t, identity.MethodBootstrapToken, caller.Method)
+			require.NotContains(t, caller.Subject, e.Token)
+			require.Equal(t, want.ID, caller.ID.String())
 			require.Equal(t, td, caller.ID.TrustDomain())
 		}
 	})
