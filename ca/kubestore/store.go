@@ -70,6 +70,10 @@ type Store struct {
 	// latest is the highest resourceVersion this Store has read or
 	// written; Watch does not report versions at or below it.
 	latest string
+
+	// deleted receives a value (without blocking, at most one waits)
+	// when Watch sees the Secret deleted.
+	deleted chan struct{}
 }
 
 var _ ca.Store = (*Store)(nil)
@@ -93,7 +97,29 @@ func New(opts Options) (*Store, error) {
 		namespace: opts.Namespace,
 		name:      opts.Name,
 		log:       opts.Logger.With("secret", opts.Namespace+"/"+opts.Name),
+		deleted:   make(chan struct{}, 1),
 	}, nil
+}
+
+// Deleted receives a value when Watch has seen the Secret deleted since
+// the last receive. It is for the replica that keeps the store (the
+// leader), which then calls Restore.
+func (s *Store) Deleted() <-chan struct{} { return s.deleted }
+
+// Restore saves set when the Secret is gone or holds no authorities, and
+// reports whether it did; a Secret that holds authorities is left as it
+// is. It puts back a Secret deleted while the servers ran, from the
+// authorities they hold in memory: otherwise the next replica to start
+// would find none and make a new root, and the replicas would sign under
+// two roots.
+func (s *Store) Restore(ctx context.Context, set *ca.AuthoritySet) (bool, error) {
+	if _, err := s.Load(ctx); !errors.Is(err, ca.ErrNotFound) {
+		return false, err
+	}
+	if err := s.Save(ctx, set); err != nil {
+		return false, err
+	}
+	return true, nil
 }
 
 // Load reads the authority set; ca.ErrNotFound when the Secret is absent

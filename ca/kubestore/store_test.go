@@ -154,6 +154,47 @@ func TestSaveAfterDelete(t *testing.T) {
 	require.ErrorContains(t, err, "Secret meshca/authorities was deleted")
 }
 
+// TestRestore: Restore writes the set back when the Secret is gone or
+// holds no authorities, and leaves stored authorities alone.
+func TestRestore(t *testing.T) {
+	ctx := context.Background()
+	client := newClient(t)
+	store := newStore(t, client, nil)
+	set := newSet(t)
+	require.NoError(t, store.Save(ctx, set))
+
+	restored, err := store.Restore(ctx, withNewIssuer(t, set))
+	require.NoError(t, err)
+	require.False(t, restored, "stored authorities are never overwritten")
+	got, err := newStore(t, client, nil).Load(ctx)
+	require.NoError(t, err)
+	requireSameSet(t, set, got)
+
+	require.NoError(t, client.CoreV1().Secrets(namespace).Delete(ctx, secretName, metav1.DeleteOptions{}))
+	restored, err = store.Restore(ctx, set)
+	require.NoError(t, err)
+	require.True(t, restored)
+	got, err = newStore(t, client, nil).Load(ctx)
+	require.NoError(t, err)
+	requireSameSet(t, set, got)
+	// The store knows the restored version: its next save lands.
+	require.NoError(t, store.Save(ctx, withNewIssuer(t, set)))
+
+	// A Secret emptied of its authorities is written too, keeping its
+	// other keys.
+	secret := getSecret(t, client)
+	secret.Data = map[string][]byte{"other": []byte("kept")}
+	_, err = client.CoreV1().Secrets(namespace).Update(ctx, secret, metav1.UpdateOptions{})
+	require.NoError(t, err)
+	restored, err = store.Restore(ctx, set)
+	require.NoError(t, err)
+	require.True(t, restored)
+	require.Equal(t, "kept", string(getSecret(t, client).Data["other"]))
+	got, err = newStore(t, client, nil).Load(ctx)
+	require.NoError(t, err)
+	requireSameSet(t, set, got)
+}
+
 func TestCreateRace(t *testing.T) {
 	// Two replicas start together and find no authorities: both make a
 	// root, one creates the Secret, the other must use that root.

@@ -19,8 +19,9 @@ import (
 // changes, until ctx is done; it then returns nil. A version of the
 // Secret that this Store has read or written already (or an older one)
 // is not reported, so that a replica hears of other writers' changes
-// only. Data that does not decode is logged and skipped, and so is a
-// deleted Secret: the authorities in memory stay in use.
+// only. Data that does not decode is logged and skipped. A deleted Secret
+// is logged and signalled on Deleted: the authorities in memory stay in
+// use, and the leader restores the Secret from them.
 //
 // fn is called from one goroutine, in the order of the changes, and must
 // not modify the set.
@@ -93,5 +94,9 @@ func (w *watcher) deleted(obj any) {
 	if secret, ok := obj.(*corev1.Secret); ok && (secret.Namespace != w.store.namespace || secret.Name != w.store.name) {
 		return
 	}
-	w.store.log.Warn("authorities Secret was deleted; the authorities in memory stay in use until it is saved again")
+	w.store.log.Warn("authorities Secret was deleted; the authorities in memory stay in use, and the leader writes them back")
+	select {
+	case w.store.deleted <- struct{}{}:
+	default: // one is waiting already
+	}
 }

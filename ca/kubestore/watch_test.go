@@ -94,9 +94,20 @@ func TestWatch(t *testing.T) {
 	require.NoError(t, writer.Save(ctx, set5))
 	requireSameSet(t, set5, next(t, sets))
 
-	// A deleted Secret is logged; nothing is reported.
+	// A deleted Secret is logged and signalled on Deleted; no set is
+	// reported.
+	select {
+	case <-watcher.Deleted():
+		t.Fatal("Deleted signalled before any deletion")
+	default:
+	}
 	require.NoError(t, client.CoreV1().Secrets(namespace).Delete(ctx, secretName, metav1.DeleteOptions{}))
-	requireLogged(t, logs, `level=WARN msg="authorities Secret was deleted; the authorities in memory stay in use until it is saved again"`)
+	requireLogged(t, logs, `level=WARN msg="authorities Secret was deleted; the authorities in memory stay in use, and the leader writes them back"`)
+	select {
+	case <-watcher.Deleted():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the deletion was not signalled on Deleted")
+	}
 	select {
 	case set := <-sets:
 		t.Fatalf("a set was reported after the delete: sequence %d", set.Sequence)

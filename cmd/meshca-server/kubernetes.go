@@ -3,6 +3,7 @@ package main
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -78,6 +79,50 @@ func (k *kubeEnv) store() (*kubestore.Store, error) {
 	})
 }
 
+// awaitStoredAuthorities holds a starting replica that finds no stored
+// authorities while another replica runs (holds the leader Lease): the
+// Secret was deleted under running replicas, and their leader writes it
+// back from memory (leaderWork.restore). Making a new root now would have
+// the replicas sign under two roots. It returns nil once the Secret holds
+// authorities, or when no other replica runs (a first start, or all of
+// them stopped: a deliberate new CA), so that the caller may create them;
+// and an error when the leader has not restored them within maxWait.
+func (k *kubeEnv) awaitStoredAuthorities(ctx context.Context, store ca.Store, maxWait, poll time.Duration) error {
+	deadline := time.Now().Add(maxWait)
+	warned := false
+	for {
+		if _, err := store.Load(ctx); !errors.Is(err, ca.ErrNotFound) {
+			return nil // stored, or an error that loading will report
+		}
+		holder, err := leader.LiveHolder(ctx, k.client.CoordinationV1(), k.cfg.Namespace, k.cfg.LeaseName, k.cfg.PodName, time.Now())
+		switch {
+		case err != nil:
+			return fmt.Errorf("kubernetes: no stored authorities, and whether another replica runs is unknown: %w", err)
+		case holder == "":
+			return nil
+		case time.Now().After(deadline):
+			return fmt.Errorf("kubernetes: Secret %s/%s holds no authorities while replica %s runs (Lease %s): it was deleted under running replicas, "+
+				"and the leader has not written it back within %s. Not making a second root. Restart the leader so that it restores the Secret; "+
+				"to make a new CA instead, scale every replica to 0, delete the Secret, and scale up",
+				k.cfg.Namespace, k.cfg.StateSecret, holder, k.cfg.LeaseName, maxWait)
+		case !warned:
+			k.log.Warn("no stored authorities while another replica runs: waiting for its leader to restore them rather than make a second root",
+				"leader", holder, "wait_up_to", maxWait.String())
+			warned = true
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(poll):
+		}
+	}
+}
+
+// leaseDuration is the leader Lease's duration.
+func (k *kubeEnv) leaseDuration() time.Duration {
+	return cmp.Or(time.Duration(k.cfg.LeaseDuration), leader.DefaultLeaseDuration)
+}
+
 // banStore returns the Secret store of the emergency bans, shared by the
 // replicas and watched by each.
 func (k *kubeEnv) banStore() (*ban.KubeStore, error) {
@@ -143,14 +188,27 @@ type leaderWork struct {
 }
 
 func (w leaderWork) run(ctx context.Context) {
+	var wg sync.WaitGroup
 	// Start from what is stored: a follower's view may lag, and the store
 	// must know the Secret's current version for the first save to land.
 	if w.store != nil {
-		if err := kubestore.Reload(ctx, w.store, w.ca); err != nil {
+		switch err := kubestore.Reload(ctx, w.store, w.ca); {
+		case errors.Is(err, ca.ErrNotFound):
+			w.restore(ctx)
+		case err != nil:
 			w.log.Error("reloading the authorities on taking the lead", "error", err)
 		}
+		wg.Go(func() {
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-w.store.Deleted():
+					w.restore(ctx)
+				}
+			}
+		})
 	}
-	var wg sync.WaitGroup
 	if w.manager != nil {
 		wg.Go(func() { _ = w.manager.Run(ctx) })
 	}
@@ -158,6 +216,21 @@ func (w leaderWork) run(ctx context.Context) {
 		wg.Go(func() { _ = w.publisher.Run(ctx) })
 	}
 	wg.Wait()
+}
+
+// restore writes the authorities in memory back to the store when the
+// Secret is gone: deleted while the replicas ran. Otherwise the next
+// replica to start would find no authorities and make a second root.
+func (w leaderWork) restore(ctx context.Context) {
+	set := w.ca.Authorities()
+	restored, err := w.store.Restore(ctx, set)
+	switch {
+	case err != nil:
+		w.log.Error("the authorities Secret is gone and could not be restored; the next rotation step writes it", "error", err)
+	case restored:
+		w.log.Warn("the authorities Secret was deleted while the CA ran; restored it from memory (to destroy the CA, scale every replica to 0 first)",
+			"bundle_sequence", set.Sequence)
+	}
 }
 
 // publisher returns the bundle publisher, or nil when it is off.
@@ -184,7 +257,7 @@ func (k *kubeEnv) elector(work leaderWork) (*leader.Elector, error) {
 		Namespace:        k.cfg.Namespace,
 		Name:             k.cfg.LeaseName,
 		Identity:         k.cfg.PodName,
-		LeaseDuration:    time.Duration(k.cfg.LeaseDuration),
+		LeaseDuration:    k.leaseDuration(),
 		RenewDeadline:    time.Duration(k.cfg.RenewDeadline),
 		RetryPeriod:      time.Duration(k.cfg.RetryPeriod),
 		Logger:           k.log,

@@ -435,6 +435,9 @@ func loadAuthorities(ctx context.Context, cfg *completeConfig, kube *kubeEnv, up
 		if err != nil {
 			return nil, nil, err
 		}
+		if err := kube.awaitStoredAuthorities(ctx, store, 2*kube.leaseDuration(), time.Second); err != nil {
+			return nil, nil, err
+		}
 		if up != nil {
 			set, err := loadUpstreamAuthorities(ctx, store, authorityOptions(cfg), up)
 			return set, store, err

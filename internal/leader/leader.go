@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	coordinationv1client "k8s.io/client-go/kubernetes/typed/coordination/v1"
 	"k8s.io/client-go/tools/leaderelection"
@@ -247,4 +248,28 @@ func (e *Elector) elector(callbacks leaderelection.LeaderCallbacks) (*leaderelec
 		return nil, fmt.Errorf("leader: %w", err)
 	}
 	return le, nil
+}
+
+// LiveHolder reads the Lease namespace/name and returns its holder when a
+// candidate other than self holds it and renewed it less than its lease
+// duration before now: a replica that is running. It returns "" when
+// nobody does: no Lease, a released one (the leader stopped), a lapsed
+// one, or self.
+func LiveHolder(ctx context.Context, client coordinationv1client.LeasesGetter, namespace, name, self string, now time.Time) (string, error) {
+	lease, err := client.Leases(namespace).Get(ctx, name, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		return "", nil
+	case err != nil:
+		return "", fmt.Errorf("leader: reading Lease %s/%s: %w", namespace, name, err)
+	}
+	spec := lease.Spec
+	if spec.HolderIdentity == nil || *spec.HolderIdentity == "" || *spec.HolderIdentity == self ||
+		spec.RenewTime == nil || spec.LeaseDurationSeconds == nil {
+		return "", nil
+	}
+	if !now.Before(spec.RenewTime.Add(time.Duration(*spec.LeaseDurationSeconds) * time.Second)) {
+		return "", nil
+	}
+	return *spec.HolderIdentity, nil
 }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	coordinationv1 "k8s.io/api/coordination/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -314,5 +315,44 @@ func receive(t *testing.T, terms <-chan context.Context) context.Context {
 	case <-time.After(wait):
 		t.Fatal("the candidate did not lead")
 		return nil
+	}
+}
+
+// TestLiveHolder: a Lease names a running replica only when another
+// candidate holds it and renewed it within its duration.
+func TestLiveHolder(t *testing.T) {
+	now := time.Date(2026, 11, 22, 12, 0, 0, 0, time.UTC)
+	lease := func(holder string, renewedAgo time.Duration, seconds int32) *coordinationv1.Lease {
+		l := &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: leaseName}}
+		if holder != "-" {
+			l.Spec.HolderIdentity = &holder
+			l.Spec.RenewTime = &metav1.MicroTime{Time: now.Add(-renewedAgo)}
+			l.Spec.LeaseDurationSeconds = &seconds
+		}
+		return l
+	}
+	for _, tt := range []struct {
+		name  string
+		lease *coordinationv1.Lease
+		want  string
+	}{
+		{"no Lease", nil, ""},
+		{"held and renewed", lease("meshca-a", 5*time.Second, 15), "meshca-a"},
+		{"renewed just in time", lease("meshca-a", 15*time.Second-time.Millisecond, 15), "meshca-a"},
+		{"lapsed", lease("meshca-a", 15*time.Second, 15), ""},
+		{"released", lease("", time.Second, 1), ""},
+		{"held by self", lease("meshca-self", time.Second, 15), ""},
+		{"never held", lease("-", 0, 0), ""},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			client := fake.NewClientset()
+			if tt.lease != nil {
+				_, err := client.CoordinationV1().Leases(namespace).Create(context.Background(), tt.lease, metav1.CreateOptions{})
+				require.NoError(t, err)
+			}
+			got, err := leader.LiveHolder(context.Background(), client.CoordinationV1(), namespace, leaseName, "meshca-self", now)
+			require.NoError(t, err)
+			require.Equal(t, tt.want, got)
+		})
 	}
 }
