@@ -111,12 +111,29 @@ func (s *Store) Deleted() <-chan struct{} { return s.deleted }
 // is. It puts back a Secret deleted while the servers ran, from the
 // authorities they hold in memory: otherwise the next replica to start
 // would find none and make a new root, and the replicas would sign under
-// two roots.
+// two roots. The read and the write are one step under the Store's lock,
+// and the write is made over the version read (a create when there was
+// none): a Save in between, by this Store or another writer, makes it
+// fail with ErrConflict rather than be overwritten.
 func (s *Store) Restore(ctx context.Context, set *ca.AuthoritySet) (bool, error) {
-	if _, err := s.Load(ctx); !errors.Is(err, ca.ErrNotFound) {
-		return false, err
+	data, err := ca.MarshalAuthoritySet(set)
+	if err != nil {
+		return false, fmt.Errorf("kubestore: %w", err)
 	}
-	if err := s.Save(ctx, set); err != nil {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	secrets := s.client.Secrets(s.namespace)
+	current, err := secrets.Get(ctx, s.name, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		current = nil
+	case err != nil:
+		return false, fmt.Errorf("kubestore: reading Secret %s/%s: %w", s.namespace, s.name, err)
+	case len(current.Data[DataKey]) > 0:
+		return false, nil
+	}
+	s.base = current
+	if err := s.saveLocked(ctx, data); err != nil {
 		return false, err
 	}
 	return true, nil
@@ -167,6 +184,11 @@ func (s *Store) Save(ctx context.Context, set *ca.AuthoritySet) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	return s.saveLocked(ctx, data)
+}
+
+// saveLocked is Save under s.mu.
+func (s *Store) saveLocked(ctx context.Context, data []byte) error {
 	secrets := s.client.Secrets(s.namespace)
 	if s.base == nil {
 		secret := &corev1.Secret{

@@ -180,6 +180,18 @@ func TestRestore(t *testing.T) {
 	// The store knows the restored version: its next save lands.
 	require.NoError(t, store.Save(ctx, withNewIssuer(t, set)))
 
+	// Deleted again, and saved by another writer (a rotation step) before
+	// the restore: the restore leaves the newer set alone.
+	require.NoError(t, client.CoreV1().Secrets(namespace).Delete(ctx, secretName, metav1.DeleteOptions{}))
+	newer := withNewIssuer(t, set)
+	require.NoError(t, newStore(t, client, nil).Save(ctx, newer))
+	restored, err = store.Restore(ctx, set)
+	require.NoError(t, err)
+	require.False(t, restored)
+	got, err = newStore(t, client, nil).Load(ctx)
+	require.NoError(t, err)
+	requireSameSet(t, newer, got)
+
 	// A Secret emptied of its authorities is written too, keeping its
 	// other keys.
 	secret := getSecret(t, client)

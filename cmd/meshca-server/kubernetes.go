@@ -80,34 +80,46 @@ func (k *kubeEnv) store() (*kubestore.Store, error) {
 }
 
 // awaitStoredAuthorities holds a starting replica that finds no stored
-// authorities while another replica runs (holds the leader Lease): the
-// Secret was deleted under running replicas, and their leader writes it
-// back from memory (leaderWork.restore). Making a new root now would have
-// the replicas sign under two roots. It returns nil once the Secret holds
-// authorities, or when no other replica runs (a first start, or all of
-// them stopped: a deliberate new CA), so that the caller may create them;
-// and an error when the leader has not restored them within maxWait.
+// authorities while another replica runs: the Secret was deleted under
+// running replicas, and their leader writes it back from memory
+// (leaderWork.restore). Making a new root now would have the replicas sign
+// under two roots. It returns nil once the Secret holds authorities, or
+// when no other replica runs, so that the caller may create them: there
+// is no leader Lease (a first start), or it stays unchanged for a lease
+// duration and three retry periods (every replica stopped: a deliberate
+// new CA). It fails when that is not settled within maxWait.
 func (k *kubeEnv) awaitStoredAuthorities(ctx context.Context, store ca.Store, maxWait, poll time.Duration) error {
+	obs := &leader.LeaseObserver{
+		Client:        k.client.CoordinationV1(),
+		Namespace:     k.cfg.Namespace,
+		Name:          k.cfg.LeaseName,
+		Self:          k.cfg.PodName,
+		LeaseDuration: k.leaseDuration(),
+		RetryPeriod:   k.retryPeriod(),
+	}
 	deadline := time.Now().Add(maxWait)
 	warned := false
 	for {
 		if _, err := store.Load(ctx); !errors.Is(err, ca.ErrNotFound) {
 			return nil // stored, or an error that loading will report
 		}
-		holder, err := leader.LiveHolder(ctx, k.client.CoordinationV1(), k.cfg.Namespace, k.cfg.LeaseName, k.cfg.PodName, time.Now())
+		state, holder, err := obs.Observe(ctx, time.Now())
 		switch {
 		case err != nil:
 			return fmt.Errorf("kubernetes: no stored authorities, and whether another replica runs is unknown: %w", err)
-		case holder == "":
+		case state == leader.LeaseAbsent || state == leader.LeaseIdle:
 			return nil
-		case time.Now().After(deadline):
+		case time.Now().After(deadline) && state == leader.LeaseHeld:
 			return fmt.Errorf("kubernetes: Secret %s/%s holds no authorities while replica %s runs (Lease %s): it was deleted under running replicas, "+
 				"and the leader has not written it back within %s. Not making a second root. Restart the leader so that it restores the Secret; "+
 				"to make a new CA instead, scale every replica to 0, delete the Secret, and scale up",
 				k.cfg.Namespace, k.cfg.StateSecret, holder, k.cfg.LeaseName, maxWait)
+		case time.Now().After(deadline):
+			return fmt.Errorf("kubernetes: Secret %s/%s holds no authorities, and whether another replica runs was not settled within %s "+
+				"(Lease %s, holder %q). Not making a second root; the next start tries again", k.cfg.Namespace, k.cfg.StateSecret, maxWait, k.cfg.LeaseName, holder)
 		case !warned:
-			k.log.Warn("no stored authorities while another replica runs: waiting for its leader to restore them rather than make a second root",
-				"leader", holder, "wait_up_to", maxWait.String())
+			k.log.Warn("no stored authorities: waiting to learn whether another replica runs, whose leader restores them, rather than make a second root",
+				"lease", k.cfg.LeaseName, "holder", holder, "wait_up_to", maxWait.String())
 			warned = true
 		}
 		select {
@@ -121,6 +133,17 @@ func (k *kubeEnv) awaitStoredAuthorities(ctx context.Context, store ca.Store, ma
 // leaseDuration is the leader Lease's duration.
 func (k *kubeEnv) leaseDuration() time.Duration {
 	return cmp.Or(time.Duration(k.cfg.LeaseDuration), leader.DefaultLeaseDuration)
+}
+
+// retryPeriod is how often candidates try to take or renew the Lease.
+func (k *kubeEnv) retryPeriod() time.Duration {
+	return cmp.Or(time.Duration(k.cfg.RetryPeriod), leader.DefaultRetryPeriod)
+}
+
+// storeWait bounds awaitStoredAuthorities: time for the Lease to settle
+// (a lease duration and three retry periods unchanged) twice over.
+func (k *kubeEnv) storeWait() time.Duration {
+	return 2 * (k.leaseDuration() + 3*k.retryPeriod())
 }
 
 // banStore returns the Secret store of the emergency bans, shared by the
@@ -219,17 +242,31 @@ func (w leaderWork) run(ctx context.Context) {
 }
 
 // restore writes the authorities in memory back to the store when the
-// Secret is gone: deleted while the replicas ran. Otherwise the next
-// replica to start would find no authorities and make a second root.
+// Secret is gone: deleted while the replicas ran. Otherwise a replica
+// starting meanwhile waits, and gives up after a while. It tries again,
+// backing off from a second to 30 s, until it succeeds or the lead ends.
 func (w leaderWork) restore(ctx context.Context) {
-	set := w.ca.Authorities()
-	restored, err := w.store.Restore(ctx, set)
-	switch {
-	case err != nil:
-		w.log.Error("the authorities Secret is gone and could not be restored; the next rotation step writes it", "error", err)
-	case restored:
-		w.log.Warn("the authorities Secret was deleted while the CA ran; restored it from memory (to destroy the CA, scale every replica to 0 first)",
-			"bundle_sequence", set.Sequence)
+	backoff := time.Second
+	for {
+		set := w.ca.Authorities()
+		restored, err := w.store.Restore(ctx, set)
+		switch {
+		case err == nil && restored:
+			w.log.Warn("the authorities Secret was deleted while the CA ran; restored it from memory (to destroy the CA, scale every replica to 0 first)",
+				"bundle_sequence", set.Sequence)
+			return
+		case err == nil:
+			return
+		case ctx.Err() != nil:
+			return
+		}
+		w.log.Error("the authorities Secret is gone and could not be restored; trying again", "error", err, "retry_in", backoff.String())
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 30*time.Second)
 	}
 }
 
@@ -259,7 +296,7 @@ func (k *kubeEnv) elector(work leaderWork) (*leader.Elector, error) {
 		Identity:         k.cfg.PodName,
 		LeaseDuration:    k.leaseDuration(),
 		RenewDeadline:    time.Duration(k.cfg.RenewDeadline),
-		RetryPeriod:      time.Duration(k.cfg.RetryPeriod),
+		RetryPeriod:      k.retryPeriod(),
 		Logger:           k.log,
 		OnStartedLeading: work.run,
 	})

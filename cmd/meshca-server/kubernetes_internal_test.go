@@ -20,53 +20,91 @@ import (
 const stateNamespace = "meshca-system"
 
 // TestAwaitStoredAuthorities: a starting replica that finds no stored
-// authorities waits while another replica holds the leader Lease, and
-// goes on when they are stored or when no replica runs.
+// authorities waits while another replica holds the leader Lease and
+// renews it, and goes on when the authorities are stored, or when the
+// Lease shows that no replica runs.
 func TestAwaitStoredAuthorities(t *testing.T) {
 	c := kubetest.Start(t)
 	ctx := t.Context()
 	c.CreateNamespace(t, stateNamespace)
 	k := &kubeEnv{
-		cfg:    KubernetesConfig{Namespace: stateNamespace, LeaseName: "meshca-leader", StateSecret: "meshca-state", PodName: "meshca-new"},
+		cfg: KubernetesConfig{Namespace: stateNamespace, LeaseName: "meshca-leader", StateSecret: "meshca-state", PodName: "meshca-new",
+			LeaseDuration: Duration(time.Second), RetryPeriod: Duration(100 * time.Millisecond)},
 		client: c.Client,
 		log:    slog.New(slog.DiscardHandler),
 	}
 	store, err := k.store()
 	require.NoError(t, err)
 	leases := c.Client.CoordinationV1().Leases(stateNamespace)
-	hold := func(holder string, renewed time.Time, seconds int32) {
+	// hold writes the Lease as held by holder, renewed now: every write
+	// is a change, as a renewal is.
+	hold := func(holder string) {
+		seconds := int32(1)
 		lease := &coordinationv1.Lease{
 			ObjectMeta: metav1.ObjectMeta{Namespace: stateNamespace, Name: "meshca-leader"},
 			Spec: coordinationv1.LeaseSpec{
-				HolderIdentity: &holder, LeaseDurationSeconds: &seconds, RenewTime: &metav1.MicroTime{Time: renewed},
+				HolderIdentity: &holder, LeaseDurationSeconds: &seconds, RenewTime: &metav1.MicroTime{Time: time.Now()},
 			},
 		}
-		if _, err := leases.Create(ctx, lease, metav1.CreateOptions{}); apierrors.IsAlreadyExists(err) {
-			current, err := leases.Get(ctx, "meshca-leader", metav1.GetOptions{})
+		if _, err := leases.Create(ctx, lease, metav1.CreateOptions{}); !apierrors.IsAlreadyExists(err) {
 			require.NoError(t, err)
-			lease.ResourceVersion = current.ResourceVersion
-			_, err = leases.Update(ctx, lease, metav1.UpdateOptions{})
-			require.NoError(t, err)
-		} else {
-			require.NoError(t, err)
+			return
+		}
+		current, err := leases.Get(ctx, "meshca-leader", metav1.GetOptions{})
+		require.NoError(t, err)
+		lease.ResourceVersion = current.ResourceVersion
+		_, err = leases.Update(ctx, lease, metav1.UpdateOptions{})
+		require.NoError(t, err)
+	}
+	// renew has holder renew the Lease every 100 ms until the returned
+	// function is called.
+	renew := func(holder string) (stop func()) {
+		hold(holder)
+		done, stopped := make(chan struct{}), make(chan struct{})
+		go func() {
+			defer close(stopped)
+			for {
+				select {
+				case <-done:
+					return
+				case <-time.After(100 * time.Millisecond):
+					hold(holder)
+				}
+			}
+		}()
+		return func() { close(done); <-stopped }
+	}
+	await := func(maxWait time.Duration) <-chan error {
+		result := make(chan error, 1)
+		go func() { result <- k.awaitStoredAuthorities(ctx, store, maxWait, 50*time.Millisecond) }()
+		return result
+	}
+	within := func(result <-chan error, d time.Duration) error {
+		t.Helper()
+		select {
+		case err := <-result:
+			return err
+		case <-time.After(d):
+			t.Fatalf("still waiting after %s", d)
+			return nil
 		}
 	}
 
-	// No Lease: a first start creates.
-	require.NoError(t, k.awaitStoredAuthorities(ctx, store, time.Minute, 50*time.Millisecond))
+	// No Lease: a first start, nobody else runs.
+	require.NoError(t, within(await(time.Minute), time.Second))
 
-	// A live leader, and no authorities: wait, and give up with what to do.
-	hold("meshca-a", time.Now(), 60)
-	err = k.awaitStoredAuthorities(ctx, store, 300*time.Millisecond, 50*time.Millisecond)
+	// A leader renewing, and no authorities: wait, and give up saying
+	// what to do.
+	stop := renew("meshca-a")
+	err = within(await(time.Second), 10*time.Second)
 	require.ErrorContains(t, err, "Secret "+stateNamespace+"/meshca-state holds no authorities while replica meshca-a runs")
 	require.ErrorContains(t, err, "Not making a second root")
 
 	// The leader restores them while this replica waits: it goes on.
-	done := make(chan error, 1)
-	go func() { done <- k.awaitStoredAuthorities(ctx, store, time.Minute, 50*time.Millisecond) }()
+	result := await(time.Minute)
 	select {
-	case err := <-done:
-		t.Fatalf("returned before the authorities were stored: %v", err)
+	case err := <-result:
+		t.Fatalf("returned while the leader runs and before the authorities were stored: %v", err)
 	case <-time.After(500 * time.Millisecond):
 	}
 	set, err := ca.NewSelfSigned(ca.AuthorityOptions{TrustDomain: spiffeid.RequireTrustDomainFromString("meshca.local")})
@@ -76,18 +114,23 @@ func TestAwaitStoredAuthorities(t *testing.T) {
 	restored, err := leaderStore.Restore(ctx, set)
 	require.NoError(t, err)
 	require.True(t, restored)
-	select {
-	case err := <-done:
-		require.NoError(t, err)
-	case <-time.After(10 * time.Second):
-		t.Fatal("still waiting after the authorities were stored")
+	require.NoError(t, within(result, 10*time.Second))
+	stop()
+
+	// No authorities, and a Lease nobody renews (held by a replica that
+	// died, released, or this replica's own from before a restart): once
+	// it has not changed for a lease duration and three retry periods, nobody
+	// runs.
+	require.NoError(t, c.Client.CoreV1().Secrets(stateNamespace).Delete(ctx, "meshca-state", metav1.DeleteOptions{}))
+	for _, holder := range []string{"meshca-a", "", "meshca-new"} {
+		hold(holder)
+		start := time.Now()
+		require.NoError(t, within(await(time.Minute), 10*time.Second), "holder %q", holder)
+		require.GreaterOrEqual(t, time.Since(start), 1300*time.Millisecond, "holder %q: gave up watching before the Lease settled", holder)
 	}
 
-	// No authorities, and a Lease that lapsed or that this replica holds:
-	// no other replica runs, so it creates.
-	require.NoError(t, c.Client.CoreV1().Secrets(stateNamespace).Delete(ctx, "meshca-state", metav1.DeleteOptions{}))
-	hold("meshca-a", time.Now().Add(-time.Minute), 15)
-	require.NoError(t, k.awaitStoredAuthorities(ctx, store, time.Minute, 50*time.Millisecond))
-	hold("meshca-new", time.Now(), 60)
-	require.NoError(t, k.awaitStoredAuthorities(ctx, store, time.Minute, 50*time.Millisecond))
+	// Not settled in time: no decision, no root.
+	hold("meshca-a")
+	err = within(await(300*time.Millisecond), 10*time.Second)
+	require.ErrorContains(t, err, "whether another replica runs was not settled within 300ms")
 }

@@ -435,7 +435,7 @@ func loadAuthorities(ctx context.Context, cfg *completeConfig, kube *kubeEnv, up
 		if err != nil {
 			return nil, nil, err
 		}
-		if err := kube.awaitStoredAuthorities(ctx, store, 2*kube.leaseDuration(), time.Second); err != nil {
+		if err := kube.awaitStoredAuthorities(ctx, store, kube.storeWait(), kube.retryPeriod()/2); err != nil {
 			return nil, nil, err
 		}
 		if up != nil {

@@ -250,26 +250,69 @@ func (e *Elector) elector(callbacks leaderelection.LeaderCallbacks) (*leaderelec
 	return le, nil
 }
 
-// LiveHolder reads the Lease namespace/name and returns its holder when a
-// candidate other than self holds it and renewed it less than its lease
-// duration before now: a replica that is running. It returns "" when
-// nobody does: no Lease, a released one (the leader stopped), a lapsed
-// one, or self.
-func LiveHolder(ctx context.Context, client coordinationv1client.LeasesGetter, namespace, name, self string, now time.Time) (string, error) {
-	lease, err := client.Leases(namespace).Get(ctx, name, metav1.GetOptions{})
+// LeaseState is what a LeaseObserver has learned of a Lease.
+type LeaseState int
+
+const (
+	// LeaseUnknown: not watched long enough to tell.
+	LeaseUnknown LeaseState = iota
+	// LeaseAbsent: there is no Lease, so no candidate has ever led.
+	LeaseAbsent
+	// LeaseHeld: another candidate holds the Lease and renewed it while
+	// it was watched: a replica is running and leading.
+	LeaseHeld
+	// LeaseIdle: the Lease has not changed for a lease duration and
+	// three retry periods: nobody renews it and nobody has taken it, so
+	// no candidate runs.
+	LeaseIdle
+)
+
+// LeaseObserver tells whether another candidate runs, by watching a Lease
+// change rather than by comparing its renew time with this machine's
+// clock: another node's clock may be off by more than a lease duration. A
+// leader renews its Lease every retry period. A running candidate takes a
+// released Lease at its next try, and a lapsed one a lease duration after
+// it last saw it change; it tries every retry period plus up to 120 %
+// jitter (client-go's). A Lease that does not change for a lease duration
+// and three retry periods is nobody's.
+type LeaseObserver struct {
+	Client        coordinationv1client.LeasesGetter
+	Namespace     string
+	Name          string
+	Self          string // this candidate's identity
+	LeaseDuration time.Duration
+	RetryPeriod   time.Duration
+
+	observed bool
+	version  string    // the resourceVersion last read
+	since    time.Time // when version was first read
+	changed  bool      // whether the Lease changed while watched
+}
+
+// Observe reads the Lease at now, a time of this machine's monotonic
+// clock, and returns what is known so far, with the Lease's holder.
+func (o *LeaseObserver) Observe(ctx context.Context, now time.Time) (LeaseState, string, error) {
+	lease, err := o.Client.Leases(o.Namespace).Get(ctx, o.Name, metav1.GetOptions{})
 	switch {
 	case apierrors.IsNotFound(err):
-		return "", nil
+		return LeaseAbsent, "", nil
 	case err != nil:
-		return "", fmt.Errorf("leader: reading Lease %s/%s: %w", namespace, name, err)
+		return LeaseUnknown, "", fmt.Errorf("leader: reading Lease %s/%s: %w", o.Namespace, o.Name, err)
 	}
-	spec := lease.Spec
-	if spec.HolderIdentity == nil || *spec.HolderIdentity == "" || *spec.HolderIdentity == self ||
-		spec.RenewTime == nil || spec.LeaseDurationSeconds == nil {
-		return "", nil
+	var holder string
+	if lease.Spec.HolderIdentity != nil {
+		holder = *lease.Spec.HolderIdentity
 	}
-	if !now.Before(spec.RenewTime.Add(time.Duration(*spec.LeaseDurationSeconds) * time.Second)) {
-		return "", nil
+	if !o.observed || lease.ResourceVersion != o.version {
+		o.changed = o.observed
+		o.observed, o.version, o.since = true, lease.ResourceVersion, now
 	}
-	return *spec.HolderIdentity, nil
+	quiet := now.Sub(o.since)
+	switch {
+	case o.changed && holder != "" && holder != o.Self && quiet < o.LeaseDuration:
+		return LeaseHeld, holder, nil
+	case quiet >= o.LeaseDuration+3*o.RetryPeriod:
+		return LeaseIdle, holder, nil
+	}
+	return LeaseUnknown, holder, nil
 }

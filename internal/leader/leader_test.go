@@ -318,41 +318,97 @@ func receive(t *testing.T, terms <-chan context.Context) context.Context {
 	}
 }
 
-// TestLiveHolder: a Lease names a running replica only when another
-// candidate holds it and renewed it within its duration.
-func TestLiveHolder(t *testing.T) {
-	now := time.Date(2026, 11, 22, 12, 0, 0, 0, time.UTC)
-	lease := func(holder string, renewedAgo time.Duration, seconds int32) *coordinationv1.Lease {
-		l := &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: leaseName}}
-		if holder != "-" {
-			l.Spec.HolderIdentity = &holder
-			l.Spec.RenewTime = &metav1.MicroTime{Time: now.Add(-renewedAgo)}
-			l.Spec.LeaseDurationSeconds = &seconds
+// TestLeaseObserver: another candidate runs when it holds the Lease and
+// the Lease changes while watched; nobody runs when there is no Lease, or
+// when it stays unchanged for a lease duration and three retry periods,
+// whatever its renew time says (another node's clock may be off).
+func TestLeaseObserver(t *testing.T) {
+	ctx := context.Background()
+	t0 := time.Date(2026, 11, 22, 12, 0, 0, 0, time.UTC)
+	newObserver := func(client *fake.Clientset) *leader.LeaseObserver {
+		return &leader.LeaseObserver{Client: client.CoordinationV1(), Namespace: namespace, Name: leaseName,
+			Self: "meshca-self", LeaseDuration: 15 * time.Second, RetryPeriod: 2 * time.Second}
+	}
+	version := 0
+	put := func(client *fake.Clientset, holder string, renew time.Time) {
+		version++
+		seconds := int32(15)
+		lease := &coordinationv1.Lease{
+			ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: leaseName, ResourceVersion: strconv.Itoa(version)},
+			Spec:       coordinationv1.LeaseSpec{HolderIdentity: &holder, RenewTime: &metav1.MicroTime{Time: renew}, LeaseDurationSeconds: &seconds},
 		}
-		return l
-	}
-	for _, tt := range []struct {
-		name  string
-		lease *coordinationv1.Lease
-		want  string
-	}{
-		{"no Lease", nil, ""},
-		{"held and renewed", lease("meshca-a", 5*time.Second, 15), "meshca-a"},
-		{"renewed just in time", lease("meshca-a", 15*time.Second-time.Millisecond, 15), "meshca-a"},
-		{"lapsed", lease("meshca-a", 15*time.Second, 15), ""},
-		{"released", lease("", time.Second, 1), ""},
-		{"held by self", lease("meshca-self", time.Second, 15), ""},
-		{"never held", lease("-", 0, 0), ""},
-	} {
-		t.Run(tt.name, func(t *testing.T) {
-			client := fake.NewClientset()
-			if tt.lease != nil {
-				_, err := client.CoordinationV1().Leases(namespace).Create(context.Background(), tt.lease, metav1.CreateOptions{})
-				require.NoError(t, err)
-			}
-			got, err := leader.LiveHolder(context.Background(), client.CoordinationV1(), namespace, leaseName, "meshca-self", now)
+		leases := client.CoordinationV1().Leases(namespace)
+		if _, err := leases.Update(ctx, lease, metav1.UpdateOptions{}); apierrors.IsNotFound(err) {
+			_, err = leases.Create(ctx, lease, metav1.CreateOptions{})
 			require.NoError(t, err)
-			require.Equal(t, tt.want, got)
-		})
+		} else {
+			require.NoError(t, err)
+		}
 	}
+	observe := func(o *leader.LeaseObserver, at time.Time) (leader.LeaseState, string) {
+		state, holder, err := o.Observe(ctx, at)
+		require.NoError(t, err)
+		return state, holder
+	}
+
+	t.Run("no Lease", func(t *testing.T) {
+		state, _ := observe(newObserver(fake.NewClientset()), t0)
+		require.Equal(t, leader.LeaseAbsent, state)
+	})
+	t.Run("renewed by another: held", func(t *testing.T) {
+		client := fake.NewClientset()
+		o := newObserver(client)
+		// Its renew time is an hour off: only the change counts.
+		put(client, "meshca-a", t0.Add(-time.Hour))
+		state, holder := observe(o, t0)
+		require.Equal(t, leader.LeaseUnknown, state, "one read cannot tell")
+		require.Equal(t, "meshca-a", holder)
+		put(client, "meshca-a", t0.Add(-time.Hour))
+		state, holder = observe(o, t0.Add(2*time.Second))
+		require.Equal(t, leader.LeaseHeld, state)
+		require.Equal(t, "meshca-a", holder)
+		// It stops renewing: a lease duration after the last change
+		// seen it is no longer held, and after three retry periods more,
+		// idle.
+		state, _ = observe(o, t0.Add(16*time.Second))
+		require.Equal(t, leader.LeaseHeld, state)
+		state, _ = observe(o, t0.Add(22*time.Second))
+		require.Equal(t, leader.LeaseUnknown, state)
+		state, _ = observe(o, t0.Add(23*time.Second))
+		require.Equal(t, leader.LeaseIdle, state)
+	})
+	t.Run("released, then taken by another", func(t *testing.T) {
+		client := fake.NewClientset()
+		o := newObserver(client)
+		put(client, "", t0)
+		state, _ := observe(o, t0)
+		require.Equal(t, leader.LeaseUnknown, state)
+		put(client, "meshca-b", t0)
+		state, holder := observe(o, t0.Add(time.Second))
+		require.Equal(t, leader.LeaseHeld, state)
+		require.Equal(t, "meshca-b", holder)
+	})
+	t.Run("released and left: idle", func(t *testing.T) {
+		client := fake.NewClientset()
+		o := newObserver(client)
+		put(client, "", t0)
+		state, _ := observe(o, t0)
+		require.Equal(t, leader.LeaseUnknown, state)
+		state, _ = observe(o, t0.Add(20*time.Second))
+		require.Equal(t, leader.LeaseUnknown, state)
+		state, _ = observe(o, t0.Add(21*time.Second))
+		require.Equal(t, leader.LeaseIdle, state)
+	})
+	t.Run("held by self, from before a restart: idle once unchanged", func(t *testing.T) {
+		client := fake.NewClientset()
+		o := newObserver(client)
+		put(client, "meshca-self", t0)
+		state, _ := observe(o, t0)
+		require.Equal(t, leader.LeaseUnknown, state)
+		put(client, "meshca-self", t0)
+		state, _ = observe(o, t0.Add(time.Second))
+		require.Equal(t, leader.LeaseUnknown, state, "this candidate is not another")
+		state, _ = observe(o, t0.Add(22*time.Second))
+		require.Equal(t, leader.LeaseIdle, state)
+	})
 }
