@@ -366,6 +366,24 @@ func TestChartConfig(t *testing.T) {
 		}
 	})
 
+	t.Run("values of the previous chart", func(t *testing.T) {
+		// helm upgrade --reuse-values from a chart without these keys
+		// renders with them absent (null deletes a key).
+		r := renderChart(t, map[string]any{
+			"authority":     map[string]any{"mode": nil, "vault": nil},
+			"policy":        nil,
+			"limits":        nil,
+			"admission":     nil,
+			"networkPolicy": map[string]any{"vaultTo": nil},
+		})
+		cc := r.loadConfig(t)
+		require.Equal(t, "selfsigned", cc.Authority.Mode)
+		require.Nil(t, cc.vault)
+		requireVaultToken(t, r, "", "")
+		_, err := helm(t, "template", map[string]any{"authority": map[string]any{"mode": "vault", "vault": nil}})
+		require.ErrorContains(t, err, `authority.vault.address "": want Vault's URL`)
+	})
+
 	t.Run("endpoint alone", func(t *testing.T) {
 		r := renderChart(t, map[string]any{"federation": map[string]any{"endpoint": map[string]any{"enabled": true}}})
 		cc := r.loadConfig(t)

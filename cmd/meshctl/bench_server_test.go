@@ -88,7 +88,7 @@ type benchServer struct {
 	renewed     int
 	// refuseSecondEntry turns the second result of every SignBatch
 	// answer into a refusal.
-	refuseSecondEntry bool
+	refuseSecondEntry atomic.Bool
 
 	mu    sync.Mutex
 	calls []signCall
@@ -191,12 +191,15 @@ func (b *benchServer) intercept(ctx context.Context, req any, info *grpc.UnarySe
 			b.bundleCallsWithToken.Add(1)
 		}
 	}
-	if info.FullMethod == meshcav1.CertificateService_SignBatch_FullMethodName && b.refuseSecondEntry {
+	if info.FullMethod == meshcav1.CertificateService_SignBatch_FullMethodName && b.refuseSecondEntry.Load() {
 		resp, err := handler(ctx, req)
-		if results := resp.(*meshcav1.SignBatchResponse).GetResults(); err == nil && len(results) > 1 {
+		if err != nil {
+			return resp, err
+		}
+		if results := resp.(*meshcav1.SignBatchResponse).GetResults(); len(results) > 1 {
 			results[1] = &meshcav1.SignBatchResult{Code: int32(codes.PermissionDenied), Message: "test: second entry refused"}
 		}
-		return resp, err
+		return resp, nil
 	}
 	if info.FullMethod != meshcav1.CertificateService_Sign_FullMethodName {
 		return handler(ctx, req)
@@ -550,7 +553,7 @@ func TestBenchSteadyTransportProbe(t *testing.T) {
 // fail its call; it is counted by code, and not as a certificate.
 func TestBenchSteadyBatchCountsEntries(t *testing.T) {
 	b := startBenchServer(t)
-	b.refuseSecondEntry = true
+	b.refuseSecondEntry.Store(true)
 	out, err := runMeshctl(t, b.args("-d", "0", "-n", "6", "-c", "2", "--batch", "3", "--transport-probe", "0")...)
 	require.NoError(t, err)
 	require.Contains(t, out, "requests   6 ok, 0 errors")

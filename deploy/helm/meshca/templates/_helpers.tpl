@@ -92,39 +92,41 @@ dataDir: {{ include "meshca.runDir" . }}
 adminSocket: {{ include "meshca.runDir" . }}/admin.sock
 logLevel: {{ .Values.logLevel }}
 {{- $auth := .Values.authority }}
+{{- $mode := include "meshca.authorityMode" . }}
 authority:
-  {{- if eq (toString $auth.mode) "vault" }}
+  {{- if eq $mode "vault" }}
   {{- include "meshca.vault.check" . }}
+  {{- $v := default dict $auth.vault }}
   mode: vault
   intermediateTTL: {{ $auth.intermediateTTL | quote }}
   vault:
-    address: {{ $auth.vault.address | quote }}
-    mount: {{ default "pki" $auth.vault.mount | quote }}
-    {{- with $auth.vault.issuer }}
+    address: {{ $v.address | quote }}
+    mount: {{ default "pki" $v.mount | quote }}
+    {{- with $v.issuer }}
     issuer: {{ . | quote }}
     {{- end }}
-    {{- with $auth.vault.namespace }}
+    {{- with $v.namespace }}
     namespace: {{ . | quote }}
     {{- end }}
-    {{- if $auth.vault.ca }}
+    {{- if $v.ca }}
     caFile: {{ include "meshca.configDir" . }}/{{ include "meshca.vaultCAKey" . }}
     {{- end }}
-    {{- with $auth.vault.tlsServerName }}
+    {{- with $v.tlsServerName }}
     tlsServerName: {{ . | quote }}
     {{- end }}
     auth:
       kubernetes:
-        role: {{ $auth.vault.role | quote }}
-        mount: {{ default "kubernetes" $auth.vault.authMount | quote }}
+        role: {{ $v.role | quote }}
+        mount: {{ default "kubernetes" $v.authMount | quote }}
         {{- with include "meshca.vaultTokenDir" . }}
         tokenFile: {{ . }}/token
         {{- end }}
-  {{- else if eq (toString $auth.mode) "selfsigned" }}
+  {{- else if eq $mode "selfsigned" }}
   mode: selfsigned
   rootTTL: {{ $auth.rootTTL | quote }}
   intermediateTTL: {{ $auth.intermediateTTL | quote }}
   {{- else }}
-  {{- fail (printf "authority.mode %q: want selfsigned or vault" (toString $auth.mode)) }}
+  {{- fail (printf "authority.mode %q: want selfsigned or vault" $mode) }}
   {{- end }}
 leaf:
   defaultTTL: {{ .Values.leaf.defaultTTL | quote }}
@@ -218,6 +220,14 @@ key).
 {{- printf "peer.%s.web-ca.pem" . }}
 {{- end }}
 
+{{/*
+authority.mode, "selfsigned" when unset (values reused from a chart that
+had none).
+*/}}
+{{- define "meshca.authorityMode" -}}
+{{- toString (default "selfsigned" .Values.authority.mode) }}
+{{- end }}
+
 {{- define "meshca.vaultCAKey" -}}
 vault-ca.pem
 {{- end }}
@@ -228,7 +238,7 @@ when there is none (not mode vault, or no tokenAudience: the pod's own
 token).
 */}}
 {{- define "meshca.vaultTokenDir" -}}
-{{- if and (eq (toString .Values.authority.mode) "vault") .Values.authority.vault.tokenAudience -}}
+{{- if and (eq (include "meshca.authorityMode" .) "vault") (default dict .Values.authority.vault).tokenAudience -}}
 /var/run/secrets/vault
 {{- end }}
 {{- end }}
@@ -238,7 +248,7 @@ Checks the Vault values that the chart needs to render them; meshca-server
 checks them again, in full, at start.
 */}}
 {{- define "meshca.vault.check" -}}
-{{- $v := .Values.authority.vault }}
+{{- $v := default dict .Values.authority.vault }}
 {{- $url := urlParse (toString (default "" $v.address)) }}
 {{- if or (not (has $url.scheme (list "https" "http"))) (not $url.host) }}
 {{- fail (printf "authority.vault.address %q: want Vault's URL, such as https://vault.vault.svc:8200" (toString (default "" $v.address))) }}
@@ -253,7 +263,8 @@ The port of authority.vault.address (443, or 80 for http, when it names
 none), for the NetworkPolicy's egress.
 */}}
 {{- define "meshca.vaultPort" -}}
-{{- $url := urlParse .Values.authority.vault.address }}
+{{- include "meshca.vault.check" . }}
+{{- $url := urlParse (default dict .Values.authority.vault).address }}
 {{- $port := ternary "80" "443" (eq $url.scheme "http") }}
 {{- with regexFind ":[0-9]+$" $url.host }}
 {{- $port = trimPrefix ":" . }}
@@ -268,7 +279,7 @@ peer's bootstrap bundle, each https_web peer's CA, and Vault's CA.
 */}}
 {{- define "meshca.configFiles" -}}
 {{- $files := dict }}
-{{- if and (eq (toString .Values.authority.mode) "vault") .Values.authority.vault.ca }}
+{{- if and (eq (include "meshca.authorityMode" .) "vault") (default dict .Values.authority.vault).ca }}
 {{- $_ := set $files (include "meshca.vaultCAKey" .) .Values.authority.vault.ca }}
 {{- end }}
 {{- range .Values.federation.peers }}
