@@ -108,6 +108,31 @@ func TestStaticTokenExpiry(t *testing.T) {
 	requireAuthReason(t, err, identity.ReasonExpiredToken)
 }
 
+// TestStaticTokensReplace: Replace swaps the whole list; a list with a
+// bad entry changes nothing.
+func TestStaticTokensReplace(t *testing.T) {
+	const other = "another-token-of-enough-length"
+	st, err := identity.NewStaticTokens(identity.TokenFile{Tokens: []identity.TokenFileEntry{{ID: demoID.String(), Token: demoToken}}}, td)
+	require.NoError(t, err)
+	require.Equal(t, 1, st.Len())
+
+	err = st.Replace(identity.TokenFile{Tokens: []identity.TokenFileEntry{{ID: demoID.String(), Token: other}, {ID: demoID.String(), Token: "short"}}})
+	require.EqualError(t, err, "identity: token entry 1: token is shorter than 16 characters")
+	_, err = st.Authenticate(context.Background(), identity.Credential{Token: demoToken})
+	require.NoError(t, err, "a refused list leaves the old one")
+	_, err = st.Authenticate(context.Background(), identity.Credential{Token: other})
+	requireAuthReason(t, err, identity.ReasonUnknownToken)
+
+	require.NoError(t, st.Replace(identity.TokenFile{Tokens: []identity.TokenFileEntry{{ID: demoID.String(), Token: other}}}))
+	_, err = st.Authenticate(context.Background(), identity.Credential{Token: other})
+	require.NoError(t, err)
+	_, err = st.Authenticate(context.Background(), identity.Credential{Token: demoToken})
+	requireAuthReason(t, err, identity.ReasonUnknownToken)
+
+	require.NoError(t, st.Replace(identity.TokenFile{}))
+	require.Zero(t, st.Len())
+}
+
 func TestNewStaticTokensRefusesBadEntries(t *testing.T) {
 	for _, tt := range []struct {
 		name  string

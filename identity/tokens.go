@@ -6,6 +6,7 @@ import (
 	"crypto/subtle"
 	"encoding/hex"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -23,8 +24,10 @@ const MinTokenLength = 16
 // mapped to one SPIFFE ID. Only SHA-256 hashes of the tokens are kept, and
 // a presented token is compared with every entry in constant time.
 type StaticTokens struct {
-	entries []tokenEntry
-	clock   clock.PassiveClock
+	trustDomain spiffeid.TrustDomain
+	clock       clock.PassiveClock
+	// entries is replaced whole by Replace, never changed in place.
+	entries atomic.Pointer[[]tokenEntry]
 }
 
 type tokenEntry struct {
@@ -105,10 +108,34 @@ func ReadTokenFile(path string) (TokenFile, error) {
 
 // NewStaticTokens returns an authenticator for the tokens of f.
 func NewStaticTokens(f TokenFile, td spiffeid.TrustDomain, opts ...TokensOption) (*StaticTokens, error) {
-	st := &StaticTokens{clock: clock.RealClock{}}
+	st := &StaticTokens{trustDomain: td, clock: clock.RealClock{}}
 	for _, o := range opts {
 		o(st)
 	}
+	if err := st.Replace(f); err != nil {
+		return nil, err
+	}
+	return st, nil
+}
+
+// Replace makes the tokens of f the ones accepted, all at once: a call
+// authenticating meanwhile sees the old list or the new one, never a mix.
+// When f has a bad entry, nothing changes and the error says which entry
+// and why, never quoting a token.
+func (s *StaticTokens) Replace(f TokenFile) error {
+	entries, err := tokenEntries(f, s.trustDomain)
+	if err != nil {
+		return err
+	}
+	s.entries.Store(&entries)
+	return nil
+}
+
+// Len returns the number of tokens accepted.
+func (s *StaticTokens) Len() int { return len(*s.entries.Load()) }
+
+func tokenEntries(f TokenFile, td spiffeid.TrustDomain) ([]tokenEntry, error) {
+	entries := make([]tokenEntry, 0, len(f.Tokens))
 	for i, e := range f.Tokens {
 		id, err := spiffeid.FromString(e.ID)
 		if err != nil {
@@ -139,9 +166,9 @@ func NewStaticTokens(f TokenFile, td spiffeid.TrustDomain, opts ...TokensOption)
 		default:
 			return nil, fmt.Errorf("identity: token entry %d: has neither sha256 nor token", i)
 		}
-		st.entries = append(st.entries, entry)
+		entries = append(entries, entry)
 	}
-	return st, nil
+	return entries, nil
 }
 
 // Authenticate accepts a token of the list that has not expired.
@@ -150,23 +177,24 @@ func (s *StaticTokens) Authenticate(_ context.Context, cred Credential) (Caller,
 		return Caller{}, ErrNotApplicable
 	}
 	h := sha256.Sum256([]byte(cred.Token))
+	entries := *s.entries.Load()
 	match := -1
 	// Every entry is compared, so the time taken does not say which one
 	// matched, or how much of a hash did.
-	for i := range s.entries {
-		if subtle.ConstantTimeCompare(h[:], s.entries[i].hash[:]) == 1 {
+	for i := range entries {
+		if subtle.ConstantTimeCompare(h[:], entries[i].hash[:]) == 1 {
 			match = i
 		}
 	}
 	if match < 0 {
 		return Caller{}, authErrorf(ReasonUnknownToken, nil, "bearer token is not known")
 	}
-	if exp := s.entries[match].expires; !exp.IsZero() && !s.clock.Now().Before(exp) {
+	if exp := entries[match].expires; !exp.IsZero() && !s.clock.Now().Before(exp) {
 		return Caller{}, authErrorf(ReasonExpiredToken, nil, "bootstrap token for %s expired at %s; renew over mTLS with the current certificate, or ask the operator for a new token",
-			s.entries[match].id, exp.UTC().Format(time.RFC3339))
+			entries[match].id, exp.UTC().Format(time.RFC3339))
 	}
 	return Caller{
-		ID:      s.entries[match].id,
+		ID:      entries[match].id,
 		Method:  MethodBootstrapToken,
 		Subject: "token-sha256:" + hex.EncodeToString(h[:4]),
 	}, nil

@@ -244,12 +244,15 @@ func run(ctx context.Context, cfg *completeConfig, stdout, stderr io.Writer) err
 	}
 
 	authns := []identity.Authenticator{}
-	tokens, demoTokenPath, err := loadTokens(cfg)
+	tokens, demoTokenPath, demo, err := loadTokens(cfg)
 	if err != nil {
 		return err
 	}
 	if tokens != nil {
 		authns = append(authns, tokens)
+		if cfg.BootstrapTokens != "" {
+			go watchTokenFile(ctx, cfg, tokens, demo, log, tokenCheckInterval)
+		}
 	}
 	if kube != nil {
 		reviews, err := kube.authenticator(cfg, reg)
@@ -535,32 +538,85 @@ func demoID(td spiffeid.TrustDomain) spiffeid.ID {
 }
 
 // loadTokens returns the static token authenticator of the token file
-// and, in demo mode, the demo token; nil when there is neither.
-func loadTokens(cfg *completeConfig) (*identity.StaticTokens, string, error) {
+// and, in demo mode, the demo token, with the demo token's path and the
+// token; nil when there is neither.
+func loadTokens(cfg *completeConfig) (st *identity.StaticTokens, demoPath, demo string, err error) {
+	if cfg.Demo {
+		demoPath = filepath.Join(cfg.DataDir, "demo-token")
+		if demo, err = demoToken(demoPath); err != nil {
+			return nil, "", "", err
+		}
+	}
+	file, err := tokenFile(cfg, demo)
+	if err != nil {
+		return nil, "", "", err
+	}
+	if len(file.Tokens) == 0 && cfg.BootstrapTokens == "" {
+		return nil, "", "", nil
+	}
+	if st, err = identity.NewStaticTokens(file, cfg.td); err != nil {
+		return nil, "", "", fmt.Errorf("bootstrap tokens: %w", err)
+	}
+	return st, demoPath, demo, nil
+}
+
+// tokenFile reads the bootstrap token file, if any, and adds the demo
+// token, if any.
+func tokenFile(cfg *completeConfig, demo string) (identity.TokenFile, error) {
 	var file identity.TokenFile
 	if cfg.BootstrapTokens != "" {
 		var err error
 		if file, err = identity.ReadTokenFile(cfg.BootstrapTokens); err != nil {
-			return nil, "", err
+			return file, err
 		}
 	}
-	var demoPath string
-	if cfg.Demo {
-		demoPath = filepath.Join(cfg.DataDir, "demo-token")
-		token, err := demoToken(demoPath)
+	if demo != "" {
+		file.Tokens = append(file.Tokens, identity.TokenFileEntry{ID: demoID(cfg.td).String(), Token: demo})
+	}
+	return file, nil
+}
+
+// tokenCheckInterval is how often the bootstrap token file is checked for
+// a change.
+const tokenCheckInterval = 10 * time.Second
+
+// watchTokenFile replaces st's tokens with the file's whenever the file
+// changes (its size or modification time; a Kubernetes Secret volume
+// swaps it whole), checked every interval until ctx is done. A file that
+// cannot be read or has a bad entry leaves the tokens in use as they are,
+// and is logged, without its content.
+func watchTokenFile(ctx context.Context, cfg *completeConfig, st *identity.StaticTokens, demo string, log *slog.Logger, interval time.Duration) {
+	stamp := func() (time.Time, int64) {
+		info, err := os.Stat(cfg.BootstrapTokens)
 		if err != nil {
-			return nil, "", err
+			return time.Time{}, -1
 		}
-		file.Tokens = append(file.Tokens, identity.TokenFileEntry{ID: demoID(cfg.td).String(), Token: token})
+		return info.ModTime(), info.Size()
 	}
-	if len(file.Tokens) == 0 {
-		return nil, "", nil
+	mtime, size := stamp()
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		m, n := stamp()
+		if m.Equal(mtime) && n == size {
+			continue
+		}
+		mtime, size = m, n
+		file, err := tokenFile(cfg, demo)
+		if err == nil {
+			err = st.Replace(file)
+		}
+		if err != nil {
+			log.Error("bootstrap token file changed but was not loaded; the tokens in use stay", "file", cfg.BootstrapTokens, "error", err)
+			continue
+		}
+		log.Info("bootstrap token file reloaded", "file", cfg.BootstrapTokens, "tokens", st.Len())
 	}
-	st, err := identity.NewStaticTokens(file, cfg.td)
-	if err != nil {
-		return nil, "", fmt.Errorf("bootstrap tokens: %w", err)
-	}
-	return st, demoPath, nil
 }
 
 // demoToken reads the demo token at path, creating it on first start.
