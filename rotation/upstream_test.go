@@ -10,7 +10,6 @@ import (
 	"log/slog"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -25,6 +24,7 @@ import (
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/ca/filestore"
 	"github.com/meshca/meshca/ca/vaultca"
+	"github.com/meshca/meshca/internal/testlog"
 	"github.com/meshca/meshca/internal/vaulttest"
 	"github.com/meshca/meshca/rotation"
 	"github.com/meshca/meshca/testca"
@@ -89,12 +89,12 @@ type cluster struct {
 	ca      *ca.CA
 	manager *rotation.Manager
 	reg     *prometheus.Registry
-	logs    *syncBuffer
+	logs    *testlog.Buffer
 }
 
 func newCluster(t *testing.T, up ca.Upstream) *cluster {
 	t.Helper()
-	c := &cluster{clock: clocktesting.NewFakeClock(time.Now()), reg: prometheus.NewRegistry(), logs: &syncBuffer{}}
+	c := &cluster{clock: clocktesting.NewFakeClock(time.Now()), reg: prometheus.NewRegistry(), logs: &testlog.Buffer{}}
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("the manager's log, as the test failed:\n%s", c.logs)
@@ -449,22 +449,4 @@ func TestUpstreamFirstStart(t *testing.T) {
 	require.NoError(t, err)
 	_, err = c.Sign(ctx, ca.SignRequest{PublicKey: testca.NewKey(t).Public(), ID: spiffeid.RequireFromPath(upTD, "/ns/a/sa/b")})
 	require.NoError(t, err)
-}
-
-// syncBuffer is a bytes.Buffer safe for a logger and a test together.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }

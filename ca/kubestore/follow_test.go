@@ -13,6 +13,7 @@ import (
 
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/ca/kubestore"
+	"github.com/meshca/meshca/internal/testlog"
 )
 
 // runFollow runs kubestore.Follow until the test ends.
@@ -121,7 +122,7 @@ func TestReload(t *testing.T) {
 }
 
 // requireLogged waits until logs has line: Follow logs after it applies.
-func requireLogged(t *testing.T, logs *logBuffer, line string) {
+func requireLogged(t *testing.T, logs *testlog.Buffer, line string) {
 	t.Helper()
 	require.Eventually(t, func() bool { return strings.Contains(logs.String(), line) }, wait, 5*time.Millisecond, "not logged: %s\nlogs:\n%s", line, logs)
 }

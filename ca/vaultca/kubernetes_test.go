@@ -1,13 +1,11 @@
 package vaultca_test
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,6 +16,7 @@ import (
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/ca/vaultca"
 	"github.com/meshca/meshca/internal/kubetest"
+	"github.com/meshca/meshca/internal/testlog"
 )
 
 // The server logs in with Vault's Kubernetes auth method, which reviews
@@ -60,7 +59,7 @@ func TestKubernetesAuth(t *testing.T) {
 		require.NoError(t, os.WriteFile(path, []byte(kube.Token(t, ns, sa, []string{"vault"}, time.Hour)), 0o600))
 		return path
 	}
-	logs := &lockedBuffer{}
+	logs := &testlog.Buffer{}
 	up := p.upstream(t, func(c *vaultca.Config) {
 		c.Auth = vaultca.Auth{Kubernetes: &vaultca.KubernetesAuth{Role: "meshca", Mount: authMount, TokenFile: jwtFile(t, "meshca")}}
 		c.Logger = slog.New(slog.NewTextHandler(logs, nil))
@@ -86,22 +85,4 @@ func TestKubernetesAuth(t *testing.T) {
 		require.ErrorContains(t, err, `vaultca: logging in to Vault (auth/`+authMount+`, role "meshca"): Vault at `+s.Addr+` denied it (HTTP 403: `)
 		require.NotContains(t, err.Error(), string(jwt))
 	})
-}
-
-// lockedBuffer is a bytes.Buffer safe for a logger and a test together.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }

@@ -49,8 +49,8 @@ func TestBanSurvivesRestart(t *testing.T) {
 	require.Error(t, err)
 	require.Contains(t, stderr, "code = PermissionDenied")
 	require.Contains(t, stderr, `identity "`+demo+`" is banned by the ban on namespace "default"`)
-	srv.logs.waitFor(t, `"reason":"banned"`)
-	srv.logs.waitFor(t, `"level":"WARN","msg":"admin step","audit":true,"api":"admin","step":"ban-add","target":"default"`)
+	srv.logs.WaitFor(t, `"reason":"banned"`)
+	srv.logs.WaitFor(t, `"level":"WARN","msg":"admin step","audit":true,"api":"admin","step":"ban-add","target":"default"`)
 
 	out, stderr, err = meshctl(t, "ban", "list", "--admin-socket", socket)
 	require.NoError(t, err, stderr)
@@ -63,7 +63,7 @@ func TestBanSurvivesRestart(t *testing.T) {
 	// Restarted, the server still refuses.
 	srv.stop()
 	srv, _ = startServer(t, "--data-dir", dataDir, "--demo")
-	srv.logs.waitFor(t, `"bans_in_force":1`)
+	srv.logs.WaitFor(t, `"bans_in_force":1`)
 	stderr, err = issueWith(t, srv.addr, bundle, token, demo)
 	require.Error(t, err)
 	require.Contains(t, stderr, "code = PermissionDenied")
@@ -171,7 +171,7 @@ func TestBanKubernetes(t *testing.T) {
 	require.True(t, refused(a), "in force on the replica that took it when meshctl returns")
 	require.Eventually(t, func() bool { return refused(b) }, 10*time.Second, 20*time.Millisecond)
 	t.Logf("the ban taken on replica a was enforced by replica b %s after meshctl returned", time.Since(added).Round(time.Millisecond))
-	b.proc.logs.waitFor(t, `"msg":"bans updated from the store"`)
+	b.proc.logs.WaitFor(t, `"msg":"bans updated from the store"`)
 
 	out, stderr, err := meshctl(t, "ban", "remove", app, "--admin-socket", b.socket)
 	require.NoError(t, err, stderr)

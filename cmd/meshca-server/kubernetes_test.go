@@ -150,8 +150,8 @@ func TestKubernetes(t *testing.T) {
 	istioSVID, err := x509svid.Parse([]byte(strings.Join(istioResp.CertChain[:len(istioResp.CertChain)-1], "")), pemKey(t, istioKey))
 	require.NoError(t, err)
 	require.Equal(t, webID, istioSVID.ID.String())
-	a.proc.logs.waitFor(t, `"api":"linkerd"`)
-	a.proc.logs.waitFor(t, `"istio_api":true,"linkerd_api":true`)
+	a.proc.logs.WaitFor(t, `"api":"linkerd"`)
+	a.proc.logs.WaitFor(t, `"istio_api":true,"linkerd_api":true`)
 
 	// One of them leads, and has published the bundle in every namespace.
 	leaderName := func() string {

@@ -52,7 +52,7 @@ limits:
 	require.Len(t, st.Details(), 1)
 	require.IsType(t, &errdetails.RetryInfo{}, st.Details()[0])
 
-	srv.logs.waitFor(t, `"reason":"rate_limited"`)
+	srv.logs.WaitFor(t, `"reason":"rate_limited"`)
 	resp, err := http.Get("http://" + srv.metrics + "/metrics")
 	require.NoError(t, err)
 	defer resp.Body.Close()

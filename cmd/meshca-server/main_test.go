@@ -12,7 +12,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -32,6 +31,7 @@ import (
 	"google.golang.org/grpc/status"
 	securityv1alpha1 "istio.io/api/security/v1alpha1"
 
+	"github.com/meshca/meshca/internal/testlog"
 	linkerdpb "github.com/meshca/meshca/proto/linkerd/identity"
 	"github.com/meshca/meshca/testca"
 )
@@ -61,8 +61,8 @@ type serverProc struct {
 	cmd     *exec.Cmd
 	addr    string
 	metrics string
-	stdout  *lockedBuffer
-	logs    *lockedBuffer
+	stdout  *testlog.Buffer
+	logs    *testlog.Buffer
 	exited  chan error
 }
 
@@ -87,12 +87,12 @@ func startServerEnv(t *testing.T, env []string, args ...string) (*serverProc, re
 	args = append([]string{"--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"}, args...)
 	cmd := exec.Command(filepath.Join(binDir, "meshca-server"), args...)
 	cmd.Env = append(os.Environ(), env...)
-	stdout := &lockedBuffer{}
+	stdout := &testlog.Buffer{}
 	cmd.Stdout = stdout
 	stderr, err := cmd.StderrPipe()
 	require.NoError(t, err)
 	require.NoError(t, cmd.Start())
-	p := &serverProc{t: t, cmd: cmd, stdout: stdout, logs: &lockedBuffer{}, exited: make(chan error, 1)}
+	p := &serverProc{t: t, cmd: cmd, stdout: stdout, logs: &testlog.Buffer{}, exited: make(chan error, 1)}
 	ready := make(chan readyLine, 1)
 	go func() {
 		sc := bufio.NewScanner(stderr)
@@ -231,7 +231,7 @@ func TestEndToEnd(t *testing.T) {
 	require.Equal(t, string(mustRead(t, bundle)), istioResp.CertChain[2])
 	_, err = linkerdpb.NewIdentityClient(conn).Certify(t.Context(), &linkerdpb.CertifyRequest{})
 	require.Equal(t, codes.Unimplemented, status.Code(err), "Linkerd's API is off outside Kubernetes mode")
-	srv.logs.waitFor(t, `"istio_api":true,"linkerd_api":false`)
+	srv.logs.WaitFor(t, `"istio_api":true,"linkerd_api":false`)
 
 	// bench runs against it and reports server figures.
 	stdout, stderr, err = meshctl(t, "bench", "--server", srv.addr, "--ca-bundle", bundle, "--token-file", token,
@@ -338,33 +338,6 @@ func TestServerRefusesBadSetup(t *testing.T) {
 			require.Contains(t, string(out), tt.want)
 		})
 	}
-}
-
-// lockedBuffer is a buffer written by a process while the test reads it.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-// waitFor waits until the process has written s. What a process writes
-// before it answers a request reaches the buffer through a pipe, copied
-// by a goroutine of os/exec: it may arrive after the answer.
-func (b *lockedBuffer) waitFor(t testing.TB, s string) {
-	t.Helper()
-	require.Eventually(t, func() bool { return strings.Contains(b.String(), s) }, 10*time.Second, 5*time.Millisecond,
-		"the process never wrote %s; it wrote:\n%s", s, b.String())
 }
 
 // opensslVerify checks the chain in chainPath (leaf first) with openssl,

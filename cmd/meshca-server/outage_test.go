@@ -18,6 +18,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/stretchr/testify/require"
 
+	"github.com/meshca/meshca/internal/testlog"
 	"github.com/meshca/meshca/rotation"
 )
 
@@ -73,7 +74,7 @@ bootstrapTokens: `+writeBootstrapTokens(t, dir, ids)+"\n"), 0o600))
 	defer func() { cancel(); wg.Wait() }()
 
 	// The workloads' logs tell how often they failed to renew.
-	sourceLogs := &lockedBuffer{}
+	sourceLogs := &testlog.Buffer{}
 	logger := slog.New(slog.NewJSONHandler(sourceLogs, nil))
 	workloads := make([]*workload, n)
 	for i := range workloads {

@@ -79,7 +79,7 @@ func TestStateSecretDeletedUnderRunningReplicas(t *testing.T) {
 	third := start("c")
 	require.Eventually(t, func() bool { return storedRoots(t.Context(), c) != nil }, 20*time.Second, 50*time.Millisecond, "the Secret was not restored")
 	require.Equal(t, roots, storedRoots(t.Context(), c), "restored with the same root")
-	first.proc.logs.waitFor(t, "restored it from memory")
+	first.proc.logs.WaitFor(t, "restored it from memory")
 	bundleA, err := os.ReadFile(a.bundle)
 	require.NoError(t, err)
 	bundleC, err := os.ReadFile(third.bundle)

@@ -6,7 +6,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -15,25 +14,8 @@ import (
 
 	"github.com/meshca/meshca/identity"
 	"github.com/meshca/meshca/internal/securefile"
+	"github.com/meshca/meshca/internal/testlog"
 )
-
-// syncLog is a slog destination safe for the watcher's goroutine.
-type syncLog struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *syncLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *syncLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // TestWatchTokenFile: a changed bootstrap token file replaces the tokens
 // accepted, the demo token staying; a changed file that is refused (a bad
@@ -59,7 +41,7 @@ func TestWatchTokenFile(t *testing.T) {
 	require.NoError(t, err)
 	st, err := identity.NewStaticTokens(file, td)
 	require.NoError(t, err)
-	logs := &syncLog{}
+	logs := &testlog.Buffer{}
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan struct{})
 	go func() {

@@ -249,7 +249,7 @@ func TestVaultSharedRoot(t *testing.T) {
 		st := rootStatus(t, c.socket())
 		require.Len(t, st.GetRoots(), 1)
 		require.Equal(t, v.root.SerialNumber.Text(16), st.GetRoots()[0].GetSerial())
-		c.srv.logs.waitFor(t, `"step":"activate-intermediate"`)
+		c.srv.logs.WaitFor(t, `"step":"activate-intermediate"`)
 	}
 	// Workloads renewed under the new intermediates still talk, both ways.
 	wa3 := startVaultWorkload(ctx, t, &wg, a, 0)

@@ -29,6 +29,7 @@ import (
 	"github.com/meshca/meshca/identity/ban"
 	"github.com/meshca/meshca/identity/tokenreview"
 	"github.com/meshca/meshca/internal/server"
+	"github.com/meshca/meshca/internal/testlog"
 	linkerdpb "github.com/meshca/meshca/proto/linkerd/identity"
 	adminv1 "github.com/meshca/meshca/proto/meshca/admin/v1"
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
@@ -65,7 +66,7 @@ func (c *banClock) Add(d time.Duration) {
 type banHarness struct {
 	*harness
 	admin adminv1.AdminServiceClient
-	audit *syncBuffer
+	audit *testlog.Buffer
 	clock *banClock
 	path  string
 }
@@ -92,7 +93,7 @@ func startBans(t *testing.T, authns ...identity.Authenticator) *banHarness {
 	reg := prometheus.NewRegistry()
 	bans, err := ban.New(context.Background(), ban.Options{Store: store, TrustDomain: td, Now: clk.Now, Registerer: reg})
 	require.NoError(t, err)
-	logs := &syncBuffer{}
+	logs := &testlog.Buffer{}
 	chain := append(append([]identity.Authenticator{tokens}, authns...), identity.NewSVIDAuthenticator(td, c, nil))
 	srv, err := server.New(server.Options{
 		CA:            c,
@@ -113,7 +114,7 @@ func startBans(t *testing.T, authns ...identity.Authenticator) *banHarness {
 	go func() { _ = g.Serve(lis) }()
 	t.Cleanup(g.Stop)
 
-	audit := &syncBuffer{}
+	audit := &testlog.Buffer{}
 	ag := server.NewAdminServer(server.AdminOptions{CA: c, Bans: bans, Logger: slog.New(slog.NewJSONHandler(audit, nil)),
 		// A follower takes bans all the same.
 		Leader: func() (bool, string) { return false, "meshca-other" }})

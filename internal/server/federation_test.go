@@ -26,6 +26,7 @@ import (
 	"github.com/meshca/meshca/identity/federation"
 	"github.com/meshca/meshca/internal/pemutil"
 	"github.com/meshca/meshca/internal/server"
+	"github.com/meshca/meshca/internal/testlog"
 	adminv1 "github.com/meshca/meshca/proto/meshca/admin/v1"
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
 	"github.com/meshca/meshca/rotation"
@@ -284,7 +285,7 @@ func requireRoots(t *testing.T, pb *meshcav1.TrustBundle, want ...*x509.Certific
 type adminHarness struct {
 	client adminv1.AdminServiceClient
 	fed    *federation.Federator
-	audit  *syncBuffer
+	audit  *testlog.Buffer
 }
 
 func startAdmin(t *testing.T, opts server.AdminOptions) *adminHarness {
@@ -295,7 +296,7 @@ func startAdmin(t *testing.T, opts server.AdminOptions) *adminHarness {
 		opts.CA, err = ca.New(set, ca.Options{})
 		require.NoError(t, err)
 	}
-	audit := &syncBuffer{}
+	audit := &testlog.Buffer{}
 	opts.Logger = slog.New(slog.NewJSONHandler(audit, nil))
 	g := server.NewAdminServer(opts)
 	socket := filepath.Join(t.TempDir(), "admin.sock")

@@ -17,7 +17,6 @@ import (
 	"net"
 	"net/url"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -41,6 +40,7 @@ import (
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/identity"
 	"github.com/meshca/meshca/internal/server"
+	"github.com/meshca/meshca/internal/testlog"
 	meshcav1 "github.com/meshca/meshca/proto/meshca/v1"
 	"github.com/meshca/meshca/testca"
 )
@@ -63,7 +63,7 @@ type harness struct {
 	srv    *server.Server
 	ca     *ca.CA
 	addr   string
-	logs   *syncBuffer
+	logs   *testlog.Buffer
 	reg    *prometheus.Registry
 	bundle *x509bundle.Bundle
 }
@@ -108,7 +108,7 @@ func startServer(t *testing.T, o harnessOptions) *harness {
 		{ID: serverID.String(), Token: serverToken},
 	}}, td)
 	require.NoError(t, err)
-	logs := &syncBuffer{}
+	logs := &testlog.Buffer{}
 	reg := prometheus.NewRegistry()
 	chain := append(append([]identity.Authenticator{tokens}, o.authns...), identity.NewSVIDAuthenticator(td, c, nil))
 	opts := server.Options{
@@ -585,24 +585,6 @@ func TestAuditLines(t *testing.T) {
 	require.NotContains(t, logs, demoToken)
 	require.NotContains(t, logs, "PRIVATE KEY")
 	require.Equal(t, 1.0, metricValue(t, h.reg, "meshca_certificates_issued_total", map[string]string{"api": "native"}))
-}
-
-// syncBuffer is a bytes.Buffer safe for the server's concurrent writes.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 // TestShutdownEndsWatchStreams: a graceful stop must not wait for bundle
