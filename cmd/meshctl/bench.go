@@ -500,29 +500,21 @@ type entryTally struct {
 	certs atomic.Int64
 
 	mu      sync.Mutex
-	refused map[string]int
-	samples map[string]string
+	refused codeCounts
 }
 
 func (t *entryTally) refuse(code codes.Code, msg string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.refused == nil {
-		t.refused, t.samples = map[string]int{}, map[string]string{}
-	}
-	key := code.String()
-	if t.refused[key] == 0 {
-		t.samples[key] = msg
-	}
-	t.refused[key]++
+	t.refused.addN(code.String(), msg, 1)
 }
 
 // refusals returns the refused entries by code, and the first message of
 // each.
-func (t *entryTally) refusals() (map[string]int, map[string]string) {
+func (t *entryTally) refusals() codeCounts {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return maps.Clone(t.refused), maps.Clone(t.samples)
+	return codeCounts{counts: maps.Clone(t.refused.counts), first: maps.Clone(t.refused.first)}
 }
 
 // signBatch sends one SignBatch of n entries, each with the token and the
@@ -714,10 +706,10 @@ func (r *benchReport) writeText(w io.Writer) {
 		fmt.Fprintf(w, "errors     %s %d (first: %s)\n", code, r.Errors[code], truncate(r.ErrorSamples[code], 160))
 	}
 	if r.Entries != nil {
-		refused, samples := r.Entries.refusals()
-		fmt.Fprintf(w, "entries    %d certificates, %d refused\n", r.Entries.certs.Load(), sumCounts(refused))
-		for _, code := range slices.Sorted(maps.Keys(refused)) {
-			fmt.Fprintf(w, "refused    %s %d (first: %s)\n", code, refused[code], truncate(samples[code], 160))
+		refused := r.Entries.refusals()
+		fmt.Fprintf(w, "entries    %d certificates, %d refused\n", r.Entries.certs.Load(), refused.total())
+		for _, code := range slices.Sorted(maps.Keys(refused.counts)) {
+			fmt.Fprintf(w, "refused    %s %d (first: %s)\n", code, refused.counts[code], truncate(refused.first[code], 160))
 		}
 	}
 	fmt.Fprintf(w, "rate       %.1f certs/s\n", r.rate())
@@ -899,7 +891,8 @@ func (r *benchReport) json() benchJSON {
 	if r.Entries != nil {
 		certs := r.Entries.certs.Load()
 		out.Certificates = &certs
-		out.RefusedEntries, out.RefusedEntrySamples = r.Entries.refusals()
+		refused := r.Entries.refusals()
+		out.RefusedEntries, out.RefusedEntrySamples = refused.counts, refused.first
 	}
 	r.fillJSON(&out)
 	out.Transport, out.TransportError = r.transportJSON(), r.TransportError

@@ -372,13 +372,7 @@ func (c *codeCounts) merge(o codeCounts) {
 	}
 }
 
-func (c codeCounts) total() int {
-	n := 0
-	for _, v := range c.counts {
-		n += v
-	}
-	return n
-}
+func (c codeCounts) total() int { return sumCounts(c.counts) }
 
 // stormFigures are the merged tallies of the workloads or the renewals.
 type stormFigures struct {
